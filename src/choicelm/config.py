@@ -1,0 +1,290 @@
+"""Grouped dataclass configs: validated on construction, loaded from YAML, overridden from the CLI.
+
+A run's config has four sections, each a dataclass below: `model`, `data`, `optim`, `train`.
+Every field carries a help string (it becomes `--help`); every section validates itself in
+`__post_init__`, so a bad value fails before any work starts, with a message naming the key.
+
+    cfg = load_config("configs/tiny.yaml", ["--train.max_steps=20", "--model.n_layer=2"])
+    cfg.model.n_layer  # 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ChoicelmError
+
+
+class ConfigError(ChoicelmError, ValueError):
+    """A config value or key is wrong; the message names it and says what is allowed."""
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """Model architecture. Defaults reproduce GPT-2 (124M) exactly."""
+
+    kind: str = _f("gpt", "model family: gpt")
+    vocab_size: int = _f(50304, "vocabulary size (embedding rows); 0 = the tokenizer's size rounded up to a multiple of 64")
+    block_size: int = _f(1024, "context length: number of positions the model can attend over")
+    n_layer: int = _f(12, "number of transformer blocks")
+    n_head: int = _f(12, "number of attention (query) heads")
+    n_kv_head: int = _f(0, "key/value heads for grouped-query attention; 0 = n_head (multi-head attention)")
+    n_embd: int = _f(768, "model width (residual stream size)")
+    mlp_hidden: int = _f(0, "MLP hidden width; 0 = 4*n_embd for gelu, 8/3*n_embd rounded up to 256 for swiglu")
+    norm: str = _f("layernorm", "normalisation: layernorm | rmsnorm")
+    norm_eps: float = _f(1e-5, "epsilon of the normalisation layers")
+    mlp: str = _f("gelu", "MLP type: gelu (GPT-2, tanh approximation) | swiglu (Llama)")
+    pos: str = _f("learned", "positions: learned (GPT-2 table) | rope (rotary, Llama)")
+    rope_theta: float = _f(10000.0, "rotary base frequency (pos=rope only)")
+    bias: bool = _f(True, "biases in linear layers and layernorms (GPT-2: true, Llama: false)")
+    tie_embeddings: bool = _f(True, "share the token embedding and output projection weights")
+    dropout: float = _f(0.0, "dropout probability on embeddings, attention and residual branches")
+
+    def __post_init__(self) -> None:
+        s = "model"
+        _choice(s, "kind", self.kind, ("gpt",))
+        _choice(s, "norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice(s, "mlp", self.mlp, ("gelu", "swiglu"))
+        _choice(s, "pos", self.pos, ("learned", "rope"))
+        _positive(s, self, "block_size", "n_layer", "n_head", "n_embd", "norm_eps", "rope_theta")
+        _positive(s, self, "vocab_size", "n_kv_head", "mlp_hidden", allow_zero=True)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size; got n_embd/n_head={self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return -(-int(8 * self.n_embd / 3) // 256) * 256
+        return 4 * self.n_embd
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards come from (written by `choicelm prepare`)."""
+
+    path: str = _f("", "directory written by `choicelm prepare` (manifest.json + shards); --data sets it")
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = _f(6e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not biases, norms)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    schedule: str = _f("cosine", "learning-rate schedule: cosine | wsd (warmup-stable-decay) | constant")
+    warmup_steps: int = _f(100, "linear warmup steps from 0 to the peak")
+    decay_fraction: float = _f(0.2, "wsd only: the share of max_steps spent decaying at the end")
+
+    def __post_init__(self) -> None:
+        s = "optim"
+        _choice(s, "schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _positive(s, self, "lr", "eps")
+        _positive(s, self, "weight_decay", "grad_clip", "warmup_steps", allow_zero=True)
+        for name in ("min_lr_ratio", "beta1", "beta2", "decay_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batch, length, precision, evaluation, logging and checkpoints."""
+
+    seed: int = _f(1337, "seed for model initialisation and data order")
+    micro_batch_size: int = _f(8, "sequences per forward/backward on one process")
+    global_batch_size: int = _f(0, "sequences per optimizer step over all processes; 0 = micro_batch_size x processes "
+                                   "(a larger value uses gradient accumulation; must divide evenly)")
+    max_steps: int = _f(1000, "stop after this many optimizer steps; also the length of the lr schedule")
+    max_tokens: int = _f(0, "stop once this many training tokens were seen; 0 = no limit")
+    max_time: float = _f(0.0, "stop after this many seconds of training; 0 = no limit")
+    precision: str = _f("auto", "auto (bf16 autocast where the hardware supports it) | bf16 | fp32")
+    compile: bool = _f(False, "torch.compile the model")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    eval_every: int = _f(200, "evaluate on the validation split every N steps (and at the end); 0 = never")
+    eval_batches: int = _f(20, "micro-batches of validation windows per evaluation")
+    log_every: int = _f(10, "write a metrics row every N steps")
+    save_every: int = _f(500, "write a checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_last: int = _f(2, "keep the newest K checkpoints (plus the best by validation loss)")
+    max_nonfinite: int = _f(5, "stop the run after this many non-finite losses in a row (each skips its step)")
+    peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = measure a matmul once on this machine and cache it")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        s = "train"
+        _choice(s, "precision", self.precision, ("auto", "bf16", "fp32"))
+        _positive(s, self, "micro_batch_size", "max_steps", "keep_last", "max_nonfinite", "log_every", "eval_batches")
+        _positive(s, self, "global_batch_size", "max_tokens", "max_time", "eval_every", "save_every",
+                  "peak_flops", allow_zero=True)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device={self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, optim and train sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, source: str = "config") -> "Config":
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(_unknown_message(source, sorted(unknown)[0], SECTIONS, "section"))
+        parts = {}
+        for name, section_cls in SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{name}' must be a mapping of keys to values")
+            valid = [f.name for f in fields(section_cls)]
+            for key in values:
+                if key not in valid:
+                    raise ConfigError(_unknown_message(source, f"{name}.{key}", [f"{name}.{v}" for v in valid], "key"))
+            parts[name] = section_cls(**{k: _coerce(section_cls, k, v, name) for k, v in values.items()})
+        return cls(**parts)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _unknown_message(source: str, key: str, valid, what: str) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{source}: unknown {what} '{key}'{hint}; valid {what}s: {', '.join(valid)}"
+
+
+def _coerce(section_cls: type, key: str, value: Any, section: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or fail naming the key."""
+    default = next(f for f in fields(section_cls) if f.name == key).default
+    target = type(default)
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if target is int:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        return target(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{section}.{key}={value!r} must be of type {target.__name__}") from None
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`["--train.max_steps=20", "--model.bias", "false"]` -> {"train": {"max_steps": "20"}, "model": {"bias": "false"}}."""
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; config overrides look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{name} needs a value: --{name}=VALUE")
+            value = args[i + 1]
+            i += 1
+        section, _, key = name.partition(".")
+        out.setdefault(section, {})[key] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(merged.get(section), dict) and isinstance(values, dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        raw = merge(raw, extra)
+    return Config.from_dict(raw, source)
+
+
+def config_help() -> str:
+    """Every key with its default and help text, for `--help`."""
+    lines = []
+    for name, section_cls in SECTIONS.items():
+        lines.append(f"{name}: {section_cls.__doc__}")
+        for f in fields(section_cls):
+            lines.append(f"  --{name}.{f.name}={f.default!r}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Evaluation metrics. Perplexity and bits per byte of a language model on prepared token shards.
+
+Bits per byte (loss in bits x tokens / UTF-8 bytes of the same text) compares models with
+different tokenizers; perplexity is per token of this model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .data.loader import TokenDataset, eval_batches
+from .errors import ChoicelmError
+from .train.runtime import autocast, use_bf16
+
+METRICS = ("ppl",)
+
+
+@torch.no_grad()
+def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8, max_batches: int | None = None,
+               precision: str = "fp32") -> dict:
+    """Mean next-token loss over the split's non-overlapping windows of the model's block size."""
+    data = TokenDataset(Path(data_dir), split)
+    if data.manifest.get("tokenizer_sha256") != lm.tokenizer.sha256():
+        raise ChoicelmError(f"--data {data_dir} was encoded with a different tokenizer than the checkpoint's; "
+                            "re-run `choicelm prepare` with the checkpoint's tokenizer folder")
+    model, device = lm.model, lm.device
+    bf16 = use_bf16(precision, device)
+    loss_sum, count = 0.0, 0
+    for x, y in eval_batches(data, lm.config.model.block_size, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, bf16):
+            out = model(x, y, loss_reduction="sum", return_logits=False)
+        loss_sum += float(out.loss)
+        count += int((y != -100).sum())
+    if count == 0:
+        raise ChoicelmError(f"split '{split}' of {data_dir} has no complete window of {lm.config.model.block_size + 1} tokens")
+    loss = loss_sum / count
+    result = {"split": split, "tokens": count, "loss": loss, "ppl": math.exp(loss)}
+    split_info = data.manifest["splits"][split]
+    if split_info.get("bytes"):
+        bytes_per_token = split_info["bytes"] / split_info["tokens"]
+        result["bits_per_byte"] = loss / math.log(2) / bytes_per_token
+    return result
+
+
+def evaluate(checkpoint: str | Path, data_dir: str | Path, metrics: list[str], split: str = "val",
+             batch_size: int = 8, max_batches: int | None = None, device: str = "auto") -> dict:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ChoicelmError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(METRICS)}")
+    from .api import load
+
+    lm = load(checkpoint, device)
+    return perplexity(lm, data_dir, split, batch_size, max_batches)

@@ -1,0 +1,1 @@
+"""Text generation: sampling and decoding loops over any choicelm decoder."""

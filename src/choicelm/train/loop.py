@@ -1,0 +1,324 @@
+"""The one training loop. Every objective (causal LM now; MLM, SFT, classification later) runs here.
+
+    pretrain(cfg, out_dir="runs/x", resume="auto")
+
+One optimizer step: fetch this rank's micro-batches, count valid tokens over the global batch,
+forward/backward each micro-batch with its summed loss divided by that count (so accumulation and
+ranks weigh every token the same), skip the step if the loss or gradient norm is not finite, clip,
+AdamW, and every few steps log, evaluate and checkpoint. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import Config
+from ..data.loader import LMBatchSampler, TokenDataset, eval_batches
+from ..errors import ChoicelmError
+from ..models import build_model
+from . import checkpoint as ckpt
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .metrics import MetricsLog, measure_peak_flops, peak_memory_mb
+from .objectives import OBJECTIVES
+from .optim import build_optimizer, lr_at, set_lr
+from .runtime import autocast, keep_freed_memory, pick_device, use_bf16
+
+# Testing hook: SIGKILL this process right after the given step (and its checkpoint) completes,
+# so tests can prove that a real, uncatchable kill followed by --resume loses nothing.
+KILL_AFTER_STEP_ENV = "CHOICELM_DEBUG_KILL_AFTER_STEP"
+
+
+class NonFiniteLossError(ChoicelmError):
+    pass
+
+
+def pretrain(cfg: Config, out_dir: str | Path, resume: str | None = None, overwrite: bool = False,
+             objective: str = "causal_lm") -> Path:
+    """Train `cfg.model` on the shards in `cfg.data.path`, writing the run to `out_dir`.
+    Returns the path of the final checkpoint."""
+    keep_freed_memory()
+    device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = init_distributed(device.type)
+    try:
+        return Trainer(cfg, Path(out_dir), dist_info, device, resume, overwrite, objective).run()
+    finally:
+        shutdown(dist_info)
+
+
+def resolve_vocab_size(cfg: Config, manifest_vocab: int) -> None:
+    """vocab_size 0 takes the tokenizer's size rounded up to a multiple of 64 (faster matmuls)."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-manifest_vocab // 64) * 64
+    elif cfg.model.vocab_size < manifest_vocab:
+        raise ChoicelmError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                            f"{manifest_vocab} tokens; set --model.vocab_size={manifest_vocab} or 0 (automatic)")
+
+
+def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
+    """Decide between a fresh run and a resume; refuse to clobber anything. Returns the checkpoint to
+    resume from, or None for a fresh start."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ChoicelmError(f"--out {out_dir} is a file; choose a directory for the run")
+    if resume not in (None, "auto"):
+        return ckpt.resolve_checkpoint(resume)
+    is_run = (out_dir / "config.yaml").exists() or (out_dir / "metrics.csv").exists()
+    nonempty = out_dir.is_dir() and any(out_dir.iterdir())
+    if resume == "auto" and is_run:
+        found = ckpt.list_checkpoints(out_dir)
+        if found:
+            return found[-1].path
+    if nonempty and not is_run:
+        raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
+    if is_run and resume != "auto" and not overwrite:
+        done = ckpt.list_checkpoints(out_dir)
+        where = f" (checkpoint at step {done[-1].step})" if done else ""
+        raise ChoicelmError(f"--out {out_dir} already holds a run{where}; pass --resume auto to continue it, "
+                            "--overwrite to replace it, or choose another --out")
+    if is_run and is_main:  # --overwrite, or --resume auto on a run that never saved a checkpoint
+        shutil.rmtree(out_dir)
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: Path, dist_info: DistInfo, device: torch.device,
+                 resume: str | None, overwrite: bool, objective: str):
+        self.cfg, self.out_dir, self.dist, self.device = cfg, out_dir, dist_info, device
+        self.objective = OBJECTIVES[objective]
+        t = cfg.train
+        if not cfg.data.path:
+            raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
+        self.data_dir = Path(cfg.data.path)
+        self.train_data = TokenDataset(self.data_dir, "train")
+        self.val_data = TokenDataset(self.data_dir, "val") if t.eval_every and self.train_data.has_split("val") else None
+        manifest = self.train_data.manifest
+        resolve_vocab_size(cfg, manifest["vocab_size"])
+
+        resume_from = prepare_run_dir(out_dir, resume, overwrite, dist_info.is_main)
+        barrier(dist_info)
+        if resume_from is not None:
+            self._check_resume_config(resume_from, manifest)
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model).to(device)
+        if cfg.model.block_size > 0 and hasattr(self.model, "flops_per_token"):
+            self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
+        else:
+            self.flops_per_token = 0.0
+        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
+        self.bf16 = use_bf16(t.precision, device)
+
+        ws = dist_info.world_size
+        global_batch = t.global_batch_size or t.micro_batch_size * ws
+        self.sampler = LMBatchSampler(self.train_data, cfg.model.block_size, t.micro_batch_size, global_batch,
+                                      t.seed, dist_info.rank, ws)
+        self.tokens_per_step = self.sampler.tokens_per_step
+
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.nonfinite_total, self.nonfinite_streak = 0, 0
+        self.best_val = math.inf
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.resumed_step = self.step if resume_from is not None else None
+
+        model = self.model
+        if t.compile:
+            model = torch.compile(model)
+        self.train_model = DDP(model) if dist_info.enabled else model
+        self.tokenizer_dir = self.data_dir / "tokenizer"
+
+    # --- resume -------------------------------------------------------------------------------
+    def _check_resume_config(self, path: Path, manifest: dict) -> None:
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        saved_model = saved.get("model", {})
+        ours = self.cfg.to_dict()["model"]
+        diff = [k for k in ours if saved_model.get(k) != ours[k]]
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {saved_model.get(k)!r} vs now {ours[k]!r}" for k in diff)
+            raise ChoicelmError(f"cannot resume from {path}: the model config differs ({detail}); "
+                                "resume with the original settings or start a new --out")
+        state = ckpt.load_trainer_state(path)
+        if state.get("tokenizer_sha256") != manifest.get("tokenizer_sha256"):
+            raise ChoicelmError(f"cannot resume from {path}: --data {self.data_dir} was encoded with a different "
+                                "tokenizer than the checkpoint was trained on")
+
+    def _restore(self, path: Path) -> None:
+        ckpt.load_weights(self.model, path)
+        ckpt.load_optimizer(self.optimizer, path)
+        state = ckpt.load_trainer_state(path)
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
+        self.best_val = state["best_val"]
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"])
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
+                "best_val": self.best_val, "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(),
+                "tokenizer_sha256": self.train_data.manifest.get("tokenizer_sha256"),
+                "world_size": self.dist.world_size}
+
+    # --- one step ------------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step. Returns (mean loss over valid tokens, grad norm, seconds waiting for data)."""
+        t0 = time.perf_counter()
+        micro_batches = [tuple(t.to(self.device, non_blocking=True) for t in b) for b in self.sampler.next_step()]
+        data_wait = time.perf_counter() - t0
+        local_valid = sum(int((y != -100).sum()) for _, y in micro_batches)
+        (n_valid,) = all_reduce_sum([local_valid], self.dist, self.device)
+        # DDP averages gradients over ranks; multiplying by world_size turns that into a sum.
+        scale = self.dist.world_size / max(n_valid, 1)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast(self.device, self.bf16):
+                    batch_loss, _, out = self.objective(self.train_model, batch)
+                    loss = batch_loss * scale
+                    if getattr(out, "aux_loss", None) is not None:
+                        loss = loss + out.aux_loss / len(micro_batches)
+                loss.backward()
+            loss_sum += batch_loss.detach().double()
+        (total,) = all_reduce_sum([loss_sum.item()], self.dist, self.device)
+        mean_loss = total / max(n_valid, 1)
+        grad_norm = math.nan
+        if math.isfinite(mean_loss):
+            clip = self.cfg.optim.grad_clip or math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if math.isfinite(mean_loss) and math.isfinite(grad_norm):
+            set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps))
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, grad_norm, data_wait
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per valid token over the first eval_batches validation micro-batches."""
+        self.model.eval()
+        t = self.cfg.train
+        loss_sum, count = 0.0, 0
+        for batch in eval_batches(self.val_data, self.cfg.model.block_size, t.micro_batch_size, t.eval_batches,
+                                  self.dist.rank, self.dist.world_size):
+            batch = tuple(x.to(self.device) for x in batch)
+            with autocast(self.device, self.bf16):
+                batch_loss, n, _ = self.objective(self.model, batch)
+            loss_sum += float(batch_loss)
+            count += n
+        self.model.train()
+        loss_sum, count = all_reduce_sum([loss_sum, count], self.dist, self.device)
+        return loss_sum / max(count, 1)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        t = self.cfg.train
+        return (self.step >= t.max_steps or (t.max_tokens and self.tokens >= t.max_tokens)
+                or (t.max_time and self.elapsed >= t.max_time))
+
+    def _save(self, val_loss: float | None) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self._trainer_state(),
+                                        yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
+                                        self.tokenizer_dir if self.tokenizer_dir.is_dir() else None, val_loss)
+            ckpt.prune_checkpoints(self.out_dir, self.cfg.train.keep_last)
+        barrier(self.dist)
+        return path or self.out_dir / ckpt.step_dir_name(self.step)
+
+    def run(self) -> Path:
+        t, main = self.cfg.train, self.dist.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.out_dir / "config.yaml")
+            log = MetricsLog(self.out_dir, self.resumed_step)
+        peak = t.peak_flops or measure_peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32)
+        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+        bar = _progress(t.max_steps, self.step, main and t.progress)
+
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "data": 0.0}
+        last_saved = last_evaluated = None
+        val_loss = None
+        self.model.train()
+        while not self._should_stop():
+            t0 = time.perf_counter()
+            loss, grad_norm, data_wait = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.elapsed += dt
+            window["loss"] += loss
+            window["steps"] += 1
+            window["tokens"] += self.tokens_per_step
+            window["time"] += dt
+            window["data"] += data_wait
+            if self.nonfinite_streak >= t.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"stopped at step {self.step}: {self.nonfinite_streak} non-finite losses in a row (each step was "
+                    "skipped); lower optim.lr, keep optim.grad_clip on, or try train.precision=fp32")
+
+            val_loss = None
+            final = self._should_stop()
+            if self.val_data is not None and (self.step % t.eval_every == 0 or final):
+                val_loss = self.evaluate()
+                last_evaluated = self.step
+                self.best_val = min(self.best_val, val_loss)
+            if main and (self.step % t.log_every == 0 or val_loss is not None or final):
+                tokens_per_s = window["tokens"] / max(window["time"], 1e-9)
+                flops_per_s = tokens_per_s * self.flops_per_token
+                log.write({
+                    "step": self.step, "tokens": self.tokens, "train_loss": window["loss"] / max(window["steps"], 1),
+                    "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+                    "lr": lr_at(self.step - 1, self.cfg.optim, t.max_steps), "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
+                    "mfu": flops_per_s / (peak * self.dist.world_size), "peak_mem_mb": peak_memory_mb(self.device),
+                    "data_wait": window["data"] / max(window["time"], 1e-9),
+                    "nonfinite_skipped": self.nonfinite_total, "elapsed_s": self.elapsed})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(self.step - 1, self.cfg.optim, t.max_steps):.2e}",
+                                tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                window = {k: 0.0 if k != "steps" else 0 for k in window}
+            bar.update(1)
+            if (t.save_every and self.step % t.save_every == 0) or final:
+                self._save(val_loss if last_evaluated == self.step else None)
+                last_saved = self.step
+            if kill_after and self.step == kill_after:
+                if main:
+                    log.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+        already_saved = ckpt.read_info(self.out_dir / ckpt.step_dir_name(self.step)) is not None
+        if last_saved != self.step and not already_saved:  # e.g. resumed a run that had already finished
+            self._save(None)
+        if main:
+            log.close()
+            self._write_summary()
+        return self.out_dir / ckpt.step_dir_name(self.step)
+
+    def _write_summary(self) -> None:
+        summary = {"step": self.step, "tokens": self.tokens, "elapsed_s": round(self.elapsed, 3),
+                   "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+                   "nonfinite_skipped": self.nonfinite_total, "world_size": self.dist.world_size,
+                   "precision": "bf16" if self.bf16 else "fp32", "device": str(self.device)}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -1,0 +1,21 @@
+"""Objectives: a batch in, (sum of per-token losses, number of valid tokens) out.
+
+The training loop divides the summed loss by the valid-token count of the whole global batch
+(all micro-batches on all ranks), so every token weighs the same whatever the padding or the
+accumulation. A new objective (MLM, classification, SFT) is one more function here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    """Next-token prediction: targets are the inputs shifted by one; -100 marks ignored positions."""
+    x_BT, y_BT = batch
+    out = model(x_BT, y_BT, loss_reduction="sum", return_logits=False)
+    n_valid = int((y_BT != -100).sum())
+    return out.loss, n_valid, out
+
+
+OBJECTIVES = {"causal_lm": causal_lm}
