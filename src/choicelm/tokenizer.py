@@ -1,0 +1,395 @@
+"""Byte-level BPE and character tokenizers, with Hugging Face `tokenizers` underneath.
+
+    tok = Tokenizer.train(["corpus/"], vocab_size=8192)           # GPT-2 style byte-level BPE
+    tok = Tokenizer.train(["corpus/"], vocab_size=512, kind="char")
+    tok.save("tok/")                                               # tok/tokenizer.json + tokenizer_config.json
+    tok = Tokenizer.load("tok/")
+    ids = tok.encode("To be, or not to be")                        # no BOS/EOS added
+    assert tok.decode(ids) == "To be, or not to be"                # lossless for any UTF-8 text
+
+Both kinds are lossless: decode(encode(s)) == s for every string without lone surrogates.
+
+- "bpe": GPT-2's recipe. The text is cut by GPT-2's regex (ByteLevel pre-tokenizer, no prefix
+  space), every byte is a base token (256), and merges are learned on top. Every string encodes.
+- "char": every distinct character of the training text is a token; a character never seen in
+  training (emoji, CJK, ...) is spelled with byte tokens `<0x00>`..`<0xFF>` (byte fallback, as in
+  Llama's tokenizer) and decodes back exactly. `vocab_size` is an upper bound here: when the text
+  has more distinct characters than fit, the rarest ones fall back to bytes.
+
+Special tokens, always ids 0, 1, 2: `<|endoftext|>` (end of document; `eot_id`), `<|pad|>`,
+`<|mask|>`. No unknown token is needed: both kinds can spell any byte. Like GPT-2, the literal text
+`<|endoftext|>` inside a string encodes to the special id (so it round-trips, but as one token).
+
+The saved folder loads in transformers: `PreTrainedTokenizerFast.from_pretrained(folder)` or
+`PreTrainedTokenizerFast(tokenizer_file=folder/"tokenizer.json")` give the same ids.
+(Not `GPT2TokenizerFast(vocab_file=..., merges_file=...)`: in transformers 5.x it encodes to [].)
+
+The input helpers here (`list_text_files`, `iter_text_files`) are shared with `choicelm prepare`:
+they expand folders, insist on UTF-8 text and say which file and byte is wrong when it is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import ChoicelmError
+
+log = logging.getLogger(__name__)
+
+EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
+SPECIAL_TOKENS = (EOT, PAD, MASK)
+KINDS = ("bpe", "char")
+ERRORS = ("strict", "skip")
+N_BYTES = 256
+MIN_VOCAB = N_BYTES + len(SPECIAL_TOKENS)  # every byte plus the specials
+MAX_VOCAB = 1_000_000
+CHUNK_CHARS = 8192  # pieces this long keep every core busy in the batch encoder
+
+
+# ----------------------------------------------------------------------------- reading text files
+
+@dataclass
+class TextStats:
+    """What `iter_text_files` read: filled in as it goes, complete once it is exhausted."""
+
+    files: list[Path] = field(default_factory=list)    # files read (in order)
+    n_bytes: list[int] = field(default_factory=list)   # UTF-8 bytes of each file read
+    skipped: list[Path] = field(default_factory=list)  # files skipped as not UTF-8 text (errors="skip")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.n_bytes)
+
+
+def list_text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand `paths` into files: a file stays, a folder gives all its regular files, recursively,
+    sorted by path, skipping hidden files and folders (names starting with '.'). Order is kept
+    across arguments; duplicates are dropped."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ChoicelmError(f"folder {path} holds no (non-hidden) files; point --input at text files")
+            out.extend(found)
+        else:
+            raise ChoicelmError(f"input path {path} does not exist; check the spelling or pass an existing file or folder")
+    if not out:
+        raise ChoicelmError("no input files given; pass at least one text file or folder")
+    unique: dict[Path, Path] = {}  # resolved path -> path as given; keeps the first occurrence
+    for p in out:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text, exactly (no newline translation). Not UTF-8 or binary -> ChoicelmError."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ChoicelmError(f"cannot read {path}: {e.strerror}; check that the file is readable") from None
+    nul = data.find(b"\0")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if nul < 0 or e.start < nul:
+            raise ChoicelmError(f"{path} is not UTF-8 text: invalid byte 0x{data[e.start]:02x} at byte offset "
+                                f"{e.start}; convert it to UTF-8 (e.g. iconv -t utf-8) or pass --errors=skip "
+                                f"to leave such files out") from None
+    if nul >= 0:
+        raise ChoicelmError(f"{path} looks binary: NUL byte at byte offset {nul}; remove it from the inputs "
+                            f"or pass --errors=skip to leave such files out")
+    return text
+
+
+def iter_text_files(paths: Iterable[str | os.PathLike], errors: str = "strict",
+                    stats: TextStats | None = None) -> Iterator[tuple[Path, str]]:
+    """Yield (path, text) for every file `list_text_files(paths)` finds.
+
+    errors="strict": a file that is not UTF-8 text raises ChoicelmError naming the file and byte.
+    errors="skip": such files are left out, logged, and listed in `stats.skipped`.
+    Raises ChoicelmError at the end if the files held no text at all.
+    """
+    if errors not in ERRORS:
+        raise ChoicelmError(f"errors={errors!r} is not allowed; choose strict or skip")
+    stats = stats if stats is not None else TextStats()
+    for path in list_text_files(paths):
+        try:
+            text = read_text_file(path)
+        except ChoicelmError as e:
+            if errors == "strict":
+                raise
+            stats.skipped.append(path)
+            log.warning("skipping %s", e)
+            continue
+        stats.files.append(path)
+        stats.n_bytes.append(len(text.encode("utf-8")))
+        yield path, text
+    if stats.skipped:
+        log.warning("skipped %d file(s) that are not UTF-8 text", len(stats.skipped))
+    if stats.total_bytes == 0:
+        detail = f" ({len(stats.skipped)} skipped as not UTF-8 text)" if stats.skipped else ""
+        raise ChoicelmError(f"the input files hold no text{detail}; pass files with some UTF-8 text in them")
+
+
+# Places where cutting a text cannot change its byte-level BPE tokens: GPT-2's regex never puts a
+# pre-token across a '\n' with non-space characters on both sides, nor across the boundary before
+# " <ASCII letter>" (" ?\p{L}+" starts there). Characters tokens never span anything.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S)(?= [A-Za-z])")
+
+
+def split_text(text: str, target_chars: int = CHUNK_CHARS) -> list[str]:
+    """Cut `text` into pieces of about `target_chars` at safe places, so that encoding the pieces
+    one by one (in parallel) gives exactly the ids of encoding `text` whole."""
+    pieces, start = [], 0
+    while len(text) - start > target_chars:
+        m = _SAFE_CUT.search(text, start + target_chars)
+        if m is None:
+            break
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+class Tokenizer:
+    """A choicelm tokenizer: a Hugging Face `tokenizers.Tokenizer` plus its kind and special ids."""
+
+    def __init__(self, hf: HFTokenizer, kind: str | None = None):
+        self.hf = hf
+        self._kind = kind or _infer_kind(hf)
+        self.train_stats: TextStats | None = None  # set by train(): files read and skipped
+        self._eot_id = hf.token_to_id(EOT)
+        if self._eot_id is None:
+            raise ChoicelmError(f"this tokenizer has no {EOT} token; train one with `choicelm tokenizer train`")
+
+    # --- training
+
+    @classmethod
+    def train(cls, files: list[str | os.PathLike], vocab_size: int | None, kind: str = "bpe",
+              errors: str = "strict") -> "Tokenizer":
+        """Train on the text files (or folders) in `files`, read one at a time.
+
+        vocab_size counts the special tokens. For "bpe" it is the exact target (fewer tokens result
+        only if the text runs out of merges); for "char" it is an upper bound (None = no bound).
+        """
+        if kind not in KINDS:
+            raise ChoicelmError(f"tokenizer kind {kind!r} is not allowed; choose bpe or char")
+        _check_vocab_size(vocab_size, kind)
+        stats = TextStats()
+        texts = iter_text_files(files, errors=errors, stats=stats)
+        tok = _train_bpe(texts, vocab_size) if kind == "bpe" else _train_char(texts, vocab_size)
+        log.info("trained a %s tokenizer with %d tokens on %d files (%d bytes)",
+                 kind, tok.vocab_size, len(stats.files), stats.total_bytes)
+        tok.train_stats = stats
+        return tok
+
+    # --- save / load
+
+    def save(self, out_dir: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write out_dir/tokenizer.json and out_dir/tokenizer_config.json (transformers reads both).
+        With overwrite=False an existing tokenizer there is an error instead of being replaced."""
+        out = Path(out_dir)
+        if not overwrite and (out / "tokenizer.json").exists():
+            raise ChoicelmError(f"{out} already holds a tokenizer; pass --overwrite to replace it or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "tokenizer.json", self.hf.to_str(pretty=True))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": EOT,
+            "bos_token": EOT,  # GPT-2's convention; encode() never inserts it
+            "pad_token": self._token(self.pad_id),
+            "mask_token": self._token(self.mask_id),
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # keep decode lossless in transformers too
+            "model_max_length": 1_000_000_000_000,
+            "choicelm": {"kind": self.kind, "sha256": self.sha256()},
+        }
+        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a folder written by `save` (or a bare tokenizer.json)."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ChoicelmError(f"no tokenizer at {file}; train one with `choicelm tokenizer train --out DIR`")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ChoicelmError(f"{file} is not a valid tokenizer.json ({str(e)[:200]}); "
+                                f"re-create it with `choicelm tokenizer train`") from None
+        return cls(hf)
+
+    # --- encoding
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no special tokens are added."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text, run in parallel by the Rust batch encoder."""
+        fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # no offsets: faster
+        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text, parallel even across one long text: each is cut at safe places
+        (`split_text`), the pieces are batch-encoded and the ids joined again."""
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            for piece in split_text(text):
+                pieces.append(piece)
+                owner.append(i)
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(owner, self.encode_batch(pieces)):
+            out[i].extend(ids)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`, special tokens included (so decode(encode(s)) == s)."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    # --- facts
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int:
+        return self._eot_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.hf.token_to_id(PAD)
+
+    @property
+    def mask_id(self) -> int | None:
+        return self.hf.token_to_id(MASK)
+
+    def sha256(self) -> str:
+        """Hash of the canonical tokenizer.json (sorted keys, no spaces): equal across save/load."""
+        canonical = json.dumps(json.loads(self.hf.to_str()), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each token id stands for (int64, indexed by id), for bits-per-byte.
+        A special token counts as its literal text."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self.hf.get_vocab(with_added_tokens=False).items():
+            if self.kind == "bpe":
+                lengths[i] = len(token)  # byte-level alphabet: one character stands for one byte
+            else:
+                lengths[i] = 1 if _BYTE_TOKEN.fullmatch(token) else len(token.encode("utf-8"))
+        for i, added in self.hf.get_added_tokens_decoder().items():
+            lengths[i] = len(added.content.encode("utf-8"))
+        return lengths
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+    def _token(self, i: int | None) -> str | None:
+        return None if i is None else self.hf.id_to_token(i)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _check_vocab_size(vocab_size: int | None, kind: str) -> None:
+    if vocab_size is None and kind == "char":
+        return
+    if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) \
+            or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ChoicelmError(f"vocab_size={vocab_size!r} is out of range; choose an integer from {MIN_VOCAB} "
+                            f"({N_BYTES} bytes + {len(SPECIAL_TOKENS)} special tokens) to {MAX_VOCAB:,}")
+
+
+def _infer_kind(hf: HFTokenizer) -> str:
+    """The kind follows from the decoder: ByteLevel is byte-level BPE, byte fallback is char."""
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    return "bpe" if decoder.get("type") == "ByteLevel" else "char"
+
+
+def _special_tokens() -> list[AddedToken]:
+    return [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+
+
+def _train_bpe(texts: Iterator[tuple[Path, str]], vocab_size: int) -> Tokenizer:
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_special_tokens(),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # The reader raises ChoicelmError from inside the iterator, which the Rust trainer would
+    # swallow into a generic error: keep it aside and re-raise it as it was.
+    failure: list[BaseException] = []
+
+    def pieces() -> Iterator[str]:
+        try:
+            for _, text in texts:
+                yield from split_text(text)
+        except ChoicelmError as e:
+            failure.append(e)
+            raise
+
+    try:
+        hf.train_from_iterator(pieces(), trainer=trainer)
+    except Exception:
+        if failure:
+            raise failure[0] from None
+        raise
+    return Tokenizer(hf, kind="bpe")
+
+
+def _train_char(texts: Iterator[tuple[Path, str]], vocab_size: int | None) -> Tokenizer:
+    counts: Counter[str] = Counter()
+    for _, text in texts:
+        counts.update(text)
+    room = None if vocab_size is None else vocab_size - MIN_VOCAB
+    # Keep the most frequent characters (ties by code point, so training is deterministic) and
+    # give them ids in code-point order, which makes the vocabulary easy to read.
+    kept = sorted(counts, key=lambda c: (-counts[c], c))[:room]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(N_BYTES):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in sorted(kept):
+        vocab[c] = len(vocab)
+    # A BPE model without merges is a character lookup; byte_fallback spells unknown characters
+    # as their UTF-8 bytes, and the ByteFallback decoder turns those back into the characters.
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens(_special_tokens())
+    return Tokenizer(hf, kind="char")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
