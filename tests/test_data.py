@@ -317,10 +317,11 @@ def test_eval_batches_are_fixed_and_rank_strided(data):
     x_all = torch.cat([x for x, _ in first])
     expected = torch.from_numpy(np.stack([val.window(i, 64)[:-1] for i in range(12)]))
     assert torch.equal(x_all, expected)
-    # two ranks: windows 0,2,4,... and 1,3,5,...; together the first windows again
-    r0 = torch.cat([x for x, _ in eval_batches(val, 64, 3, 2, rank=0, world_size=2)])
-    r1 = torch.cat([x for x, _ in eval_batches(val, 64, 3, 2, rank=1, world_size=2)])
-    assert torch.equal(r0, expected[0::2][:6]) and torch.equal(r1, expected[1::2][:6])
+    # two ranks split the same 12 windows: 0,2,4,... and 1,3,5,...
+    r0 = torch.cat([x for x, _ in eval_batches(val, 64, 3, 4, rank=0, world_size=2)])
+    r1 = torch.cat([x for x, _ in eval_batches(val, 64, 3, 4, rank=1, world_size=2)])
+    assert torch.equal(r0, expected[0::2]) and torch.equal(r1, expected[1::2])
+    assert sum(x.shape[0] for x, _ in eval_batches(val, 64, 3, None)) == val.n_windows(64)
     # capped by the data: the last micro-batch may be short
     n = val.n_windows(1024)
     sizes = [x.shape[0] for x, _ in eval_batches(val, 1024, 4, max_batches=1000)]

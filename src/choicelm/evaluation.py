@@ -23,7 +23,7 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
                precision: str = "fp32") -> dict:
     """Mean next-token loss over the split's non-overlapping windows of the model's block size."""
     data = TokenDataset(Path(data_dir), split)
-    if data.manifest.get("tokenizer_sha256") != lm.tokenizer.sha256():
+    if data.manifest["tokenizer"]["sha256"] != lm.tokenizer.sha256():
         raise ChoicelmError(f"--data {data_dir} was encoded with a different tokenizer than the checkpoint's; "
                             "re-run `choicelm prepare` with the checkpoint's tokenizer folder")
     model, device = lm.model, lm.device

@@ -210,21 +210,19 @@ class LMBatchSampler:
         self.step = seen // self.global_batch_size
 
 
-def eval_batches(dataset: TokenDataset, block_size: int, micro_batch_size: int, max_batches: int,
+def eval_batches(dataset: TokenDataset, block_size: int, micro_batch_size: int, max_batches: int | None,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first windows of `dataset` in order, as (x_BT, y_BT) micro-batches: the same every call.
 
-    Rank r reads windows r, r+W, r+2W, ...; every rank gets the same number of windows (at most
-    max_batches x micro_batch_size), so a distributed mean over ranks is well-formed. The last
-    micro-batch may be smaller."""
-    if max_batches < 1 or micro_batch_size < 1:
+    The evaluated set is the first max_batches x micro_batch_size windows (all of them for None),
+    whatever the number of processes: rank r reads windows r, r+W, r+2W, ... of that set. Ranks may
+    get one window more or less than each other, so combine them by summing losses and token
+    counts. The last micro-batch may be smaller."""
+    if (max_batches is not None and max_batches < 1) or micro_batch_size < 1:
         raise ChoicelmError(f"max_batches={max_batches} and micro_batch_size={micro_batch_size} must be >= 1")
     n = dataset.n_windows(block_size)
-    per_rank = min(n // world_size, max_batches * micro_batch_size)
-    if per_rank < 1:
-        raise ChoicelmError(f"the {dataset.split} split has {n} windows of {block_size + 1} tokens, fewer than "
-                            f"the {world_size} processes; lower block_size or add text")
-    windows = [rank + i * world_size for i in range(per_rank)]
+    total = n if max_batches is None else min(n, max_batches * micro_batch_size)
+    windows = list(range(rank, total, world_size))
     # A generator inside, so that the checks above fail at the call, not at the first next().
     return (dataset.batch(windows[i:i + micro_batch_size], block_size)
-            for i in range(0, per_rank, micro_batch_size))
+            for i in range(0, len(windows), micro_batch_size))

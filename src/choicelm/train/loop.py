@@ -100,7 +100,7 @@ class Trainer:
             raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
         self.data_dir = Path(cfg.data.path)
         self.train_data = TokenDataset(self.data_dir, "train")
-        self.val_data = TokenDataset(self.data_dir, "val") if t.eval_every and self.train_data.has_split("val") else None
+        self.val_data = TokenDataset(self.data_dir, "val") if t.eval_every and "val" in self.train_data.manifest["splits"] else None
         manifest = self.train_data.manifest
         resolve_vocab_size(cfg, manifest["vocab_size"])
 
@@ -135,7 +135,7 @@ class Trainer:
         if t.compile:
             model = torch.compile(model)
         self.train_model = DDP(model) if dist_info.enabled else model
-        self.tokenizer_dir = self.data_dir / "tokenizer"
+        self.tokenizer_dir = self.data_dir / manifest["tokenizer"]["dir"]
 
     # --- resume -------------------------------------------------------------------------------
     def _check_resume_config(self, path: Path, manifest: dict) -> None:
@@ -148,7 +148,7 @@ class Trainer:
             raise ChoicelmError(f"cannot resume from {path}: the model config differs ({detail}); "
                                 "resume with the original settings or start a new --out")
         state = ckpt.load_trainer_state(path)
-        if state.get("tokenizer_sha256") != manifest.get("tokenizer_sha256"):
+        if state.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
             raise ChoicelmError(f"cannot resume from {path}: --data {self.data_dir} was encoded with a different "
                                 "tokenizer than the checkpoint was trained on")
 
@@ -166,7 +166,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                 "best_val": self.best_val, "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(),
-                "tokenizer_sha256": self.train_data.manifest.get("tokenizer_sha256"),
+                "tokenizer_sha256": self.train_data.manifest["tokenizer"]["sha256"],
                 "world_size": self.dist.world_size}
 
     # --- one step ------------------------------------------------------------------------------

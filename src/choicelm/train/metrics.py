@@ -64,7 +64,7 @@ def _fmt(value):
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.10g}"
     return value
 
 

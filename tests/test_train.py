@@ -1,0 +1,241 @@
+"""The training loop against independent references: hand-computed losses, straight vs killed-and-resumed
+runs, one process vs two (DDP), and every bad input the CLI promises to refuse."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from choicelm.cli import main
+from choicelm.config import load_config
+from choicelm.data.loader import LMBatchSampler, TokenDataset
+from choicelm.models import build_model
+from choicelm.train import checkpoint as ckpt
+from choicelm.train.loop import KILL_AFTER_STEP_ENV, NonFiniteLossError, pretrain
+from choicelm.train.metrics import COLUMNS, read_metrics
+from choicelm.train.optim import lr_at
+
+from conftest import TINY, free_port
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def losses(run: Path) -> dict[int, str]:
+    """Per-step train loss as written (exact text, so equality is bit-level up to 10 digits)."""
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): r["train_loss"] for r in csv.DictReader(f)}
+
+
+def weights(step_dir: Path) -> dict:
+    return load_file(str(step_dir / "model.safetensors"))
+
+
+def cli_subprocess(*args, env_extra=None, check=True):
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "choicelm", *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_pretrain_writes_a_complete_run(prepared, tmp_path):
+    _, data = prepared
+    run = tmp_path / "run"
+    assert run_cli("pretrain", "--config", TINY, "--data", data, "--out", run) == 0
+    rows = read_metrics(run)
+    with open(run / "metrics.csv") as f:
+        assert next(csv.reader(f)) == COLUMNS
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5  # it learns
+    val = [r for r in rows if r["val_loss"] is not None]
+    assert [r["step"] for r in val] == [10, 20]
+    assert math.isclose(val[-1]["val_ppl"], math.exp(val[-1]["val_loss"]), rel_tol=1e-6)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 <= r["data_wait"] < 1 for r in rows)
+    assert rows[-1]["tokens"] == 20 * 4 * 32
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [10, 20]
+    step = run / "step-00000020"
+    for name in ("model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml", "tokenizer/tokenizer.json", "COMPLETE"):
+        assert (step / name).exists(), name
+    assert (run / "config.yaml").exists() and list((run / "tensorboard").glob("events.*"))
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.vocab_size == 512 and cfg.data.path == str(data)
+
+
+def test_first_step_loss_equals_hand_computed_cross_entropy(prepared, tmp_path):
+    """Two micro-batches of 4 (gradient accumulation) must report the mean over all 8 x 32 tokens,
+    equal to F.cross_entropy on a freshly built model with the same seed and the same windows."""
+    _, data = prepared
+    run = tmp_path / "run"
+    run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=1",
+            "--train.global_batch_size=8", "--train.eval_every=0")
+    cfg = load_config(run / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    sampler = LMBatchSampler(TokenDataset(data, "train"), 32, 4, 8, cfg.train.seed)
+    micro = sampler.next_step()
+    assert len(micro) == 2
+    x, y = torch.cat([b[0] for b in micro]), torch.cat([b[1] for b in micro])
+    logits = model(x).logits
+    expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    assert float(losses(run)[1]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(prepared, tmp_path):
+    _, data = prepared
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--config", TINY, "--data", data, "--train.max_steps=4", "--train.eval_every=0"]
+    run_cli("pretrain", *common, "--out", a, "--train.micro_batch_size=8")
+    run_cli("pretrain", *common, "--out", b, "--train.micro_batch_size=2", "--train.global_batch_size=8")
+    la, lb = losses(a), losses(b)
+    for step in la:
+        assert float(la[step]) == pytest.approx(float(lb[step]), abs=1e-5)
+
+
+def test_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path):
+    """12 steps straight == 6 steps, checkpoint, 3 more steps, SIGKILL, then --resume auto to 12."""
+    _, data = prepared
+    common = ["--config", TINY, "--data", data, "--train.max_steps=12", "--train.save_every=6",
+              "--train.eval_every=4", "--model.dropout=0.1"]  # dropout: the RNG state must be restored too
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cli_subprocess("pretrain", *common, "--out", straight)
+    proc = cli_subprocess("pretrain", *common, "--out", killed, env_extra={KILL_AFTER_STEP_ENV: "9"}, check=False)
+    assert proc.returncode == -9  # SIGKILL: no cleanup ran
+    assert max(losses(killed)) == 9 and [c.step for c in ckpt.list_checkpoints(killed)] == [6]
+    cli_subprocess("pretrain", *common, "--out", killed, "--resume", "auto")
+    assert losses(killed) == losses(straight)
+    wa, wb = weights(straight / "step-00000012"), weights(killed / "step-00000012")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_two_processes_match_one(prepared, tmp_path):
+    """torchrun with 2 ranks x micro 2 == one process with micro 2 x accumulation 2 (global batch 4)."""
+    _, data = prepared
+    common = ["--config", TINY, "--data", data, "--train.max_steps=4", "--train.eval_every=2",
+              "--train.micro_batch_size=2", "--train.global_batch_size=4"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    cli_subprocess("pretrain", *common, "--out", single)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "choicelm", "pretrain", *map(str, common), "--out", str(ddp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ls, ld = read_metrics(single), read_metrics(ddp)
+    assert len(ls) == len(ld) == 4
+    for rs, rd in zip(ls, ld):
+        assert rd["train_loss"] == pytest.approx(rs["train_loss"], abs=1e-5)
+        if rs["val_loss"] is not None:
+            assert rd["val_loss"] == pytest.approx(rs["val_loss"], abs=1e-5)
+    ws, wd = weights(single / "step-00000004"), weights(ddp / "step-00000004")
+    assert all(torch.allclose(ws[k], wd[k], atol=1e-5) for k in ws)
+    assert [c.step for c in ckpt.list_checkpoints(ddp)] == [4]
+
+
+def test_nonfinite_losses_skip_steps_then_stop(prepared, tmp_path, monkeypatch):
+    from choicelm.train import objectives
+
+    _, data = prepared
+    calls = {"n": 0}
+    real = objectives.causal_lm
+
+    def poisoned(model, batch):  # steps 3 and 4 produce NaN, then everything after step 6
+        calls["n"] += 1
+        loss, n, out = real(model, batch)
+        return (loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 6 else loss), n, out
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "causal_lm", poisoned)
+    cfg = load_config(TINY, [f"--data.path={data}", "--train.eval_every=0", "--train.max_nonfinite=3"])
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        pretrain(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 1, 2, 2, 2, 3, 4]
+
+
+def test_stop_on_max_tokens_and_max_time(prepared, tmp_path):
+    _, data = prepared
+    run_cli("pretrain", "--config", TINY, "--data", data, "--out", tmp_path / "a", "--train.max_tokens=1000")
+    assert read_metrics(tmp_path / "a")[-1]["step"] == 8  # 8 x 128 tokens >= 1000
+    run_cli("pretrain", "--config", TINY, "--data", data, "--out", tmp_path / "b", "--train.max_time=1e-9")
+    assert read_metrics(tmp_path / "b")[-1]["step"] == 1
+
+
+def test_lr_schedules_against_hand_values():
+    cfg = load_config(None, ["--optim.lr=1.0", "--optim.min_lr_ratio=0.1", "--optim.warmup_steps=10"]).optim
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    wsd = load_config(None, ["--optim.lr=1.0", "--optim.schedule=wsd", "--optim.warmup_steps=0",
+                             "--optim.decay_fraction=0.2", "--optim.min_lr_ratio=0"]).optim
+    assert lr_at(79, wsd, 100) == 1.0 and lr_at(90, wsd, 100) == pytest.approx(0.5)
+
+
+# --- bad input: one clear error, non-zero exit, nothing overwritten --------------------------------------
+
+def test_existing_run_is_refused_unless_resume_or_overwrite(prepared, tmp_path, capsys):
+    _, data = prepared
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=2", "--train.eval_every=0"]
+    assert run_cli(*args) == 0
+    before = (run / "step-00000002" / "model.safetensors").read_bytes()
+    assert run_cli(*args) == 2
+    assert "already holds a run (checkpoint at step 2)" in capsys.readouterr().err
+    assert (run / "step-00000002" / "model.safetensors").read_bytes() == before
+    assert run_cli(*args, "--overwrite") == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert run_cli(*args[:-4], "--out", other, "--overwrite") == 2
+    assert "not a choicelm run" in capsys.readouterr().err and (other / "notes.txt").exists()
+
+
+def test_resume_refuses_a_different_model_config(prepared, tmp_path, capsys):
+    _, data = prepared
+    run = tmp_path / "run"
+    run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=2", "--train.eval_every=0")
+    assert run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--resume", "auto",
+                   "--train.max_steps=4", "--model.n_layer=3") == 2
+    err = capsys.readouterr().err
+    assert "model config differs" in err and "n_layer: checkpoint 2 vs now 3" in err
+
+
+def test_incomplete_truncated_and_foreign_checkpoints(prepared, tmp_path, capsys):
+    _, data = prepared
+    run = tmp_path / "run"
+    run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=4",
+            "--train.save_every=2", "--train.eval_every=0")
+    # An interrupted save (no marker) is invisible to --resume auto and to load().
+    (run / "step-00000004" / "COMPLETE").unlink()
+    assert ckpt.resolve_checkpoint(run) == run / "step-00000002"
+    assert run_cli("generate", "--checkpoint", run / "step-00000004", "--prompt", "a") == 2
+    assert "incomplete" in capsys.readouterr().err
+    # A truncated weights file behind a marker.
+    weights_file = run / "step-00000002" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    assert run_cli("generate", "--checkpoint", run, "--prompt", "a") == 2
+    assert "truncated or not a choicelm checkpoint" in capsys.readouterr().err
+    # A folder that is no checkpoint at all.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(b"\0" * 10)
+    assert run_cli("evaluate", "--checkpoint", foreign, "--data", data) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_keep_last_and_best(prepared, tmp_path):
+    _, data = prepared
+    run = tmp_path / "run"
+    run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=8", "--train.save_every=2",
+            "--train.eval_every=2", "--train.keep_last=1")
+    kept = [c.step for c in ckpt.list_checkpoints(run)]
+    rows = {r["step"]: r["val_loss"] for r in read_metrics(run) if r["val_loss"] is not None}
+    best = min(rows, key=rows.get)
+    assert kept == sorted({8, int(best)})
+    assert not list(run.glob(".tmp-*"))
