@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data.loader import TokenDataset, eval_batches
@@ -39,11 +40,22 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
         raise ChoicelmError(f"split '{split}' of {data_dir} has no complete window of {lm.config.model.block_size + 1} tokens")
     loss = loss_sum / count
     result = {"split": split, "tokens": count, "loss": loss, "ppl": math.exp(loss)}
+    if split != "train" and "train" in data.manifest["splits"]:
+        result["unigram_ppl"] = unigram_perplexity(TokenDataset(Path(data_dir), "train"), data)
     split_info = data.manifest["splits"][split]
     if split_info.get("bytes"):
         bytes_per_token = split_info["bytes"] / split_info["tokens"]
         result["bits_per_byte"] = loss / math.log(2) / bytes_per_token
     return result
+
+
+def unigram_perplexity(train: TokenDataset, test: TokenDataset) -> float:
+    """Perplexity of the add-one unigram model counted on `train`, over all of `test`: the floor a
+    trained model must clearly beat."""
+    counts = sum(np.bincount(np.asarray(s), minlength=train.vocab_size) for s in train.shards).astype(np.float64)
+    log_probs = np.log((counts + 1) / (counts.sum() + train.vocab_size))
+    total = sum(float(log_probs[np.asarray(s)].sum()) for s in test.shards)
+    return math.exp(-total / test.tokens)
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, metrics: list[str], split: str = "val",

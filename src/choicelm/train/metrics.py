@@ -86,8 +86,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against.
-    Cached per device, dtype and thread count because it takes a second or two."""
+    """Best FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against.
+    Cached per device, dtype and thread count because it takes a second or two (delete the cache
+    file to re-measure, e.g. if it was measured while the machine was busy)."""
     key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()}:" \
           f"{torch.get_num_threads()}:{dtype}"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "choicelm" / "peak_flops.json"
@@ -109,7 +110,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    flops = 2 * n**3 / sorted(times[1:])[repeats // 2]
+    flops = 2 * n**3 / min(times[1:])
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         known[key] = flops

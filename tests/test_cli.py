@@ -1,0 +1,162 @@
+"""The CLI is a contract: its verbs, its help, its errors, and the whole path text -> tokenizer -> shards ->
+pretrain -> evaluate -> plot -> generate, checked against values computed here without choicelm's loaders."""
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import choicelm
+from choicelm.cli import build_parser, main
+from choicelm.config import SECTIONS
+
+from conftest import TINY
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_verb_map_is_frozen():
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "verb").choices
+    assert sorted(verbs) == ["evaluate", "generate", "plot", "prepare", "pretrain", "tokenizer"]
+
+
+def test_pretrain_help_lists_every_config_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name, section in SECTIONS.items():
+        for key in section.__dataclass_fields__:
+            assert f"--{name}.{key}=" in out
+
+
+def test_import_stays_light():
+    code = ("import sys, choicelm, choicelm.cli, choicelm.train.loop, choicelm.api; "
+            "print([m for m in ('transformers', 'fastapi', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shakespeare_slice):
+    """The whole path through the CLI on a slice of Shakespeare."""
+    root = tmp_path_factory.mktemp("cli")
+    assert run_cli("tokenizer", "train", "--input", *shakespeare_slice, "--vocab-size", 400, "--out", root / "tok") == 0
+    assert run_cli("prepare", "--input", *shakespeare_slice, "--tokenizer", root / "tok", "--out", root / "data",
+                   "--val-files", "tempest_gut.txt") == 0
+    assert run_cli("pretrain", "--config", TINY, "--data", root / "data", "--out", root / "run",
+                   "--train.max_steps=30", "--train.eval_every=0") == 0
+    return root
+
+
+def test_evaluate_matches_cross_entropy_computed_by_hand(trained, capsys):
+    root = trained
+    capsys.readouterr()
+    assert run_cli("evaluate", "--checkpoint", root / "run", "--data", root / "data", "--metrics", "ppl") == 0
+    result = json.loads(capsys.readouterr().out)
+    # Independent reference: read the raw val shard with numpy, cut windows, F.cross_entropy.
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    val = np.fromfile(root / "data" / manifest["splits"]["val"]["shards"][0]["file"], dtype=np.uint16).astype(np.int64)
+    lm = choicelm.load(root / "run")
+    T = lm.config.model.block_size
+    n = (len(val) - 1) // T
+    x = torch.from_numpy(np.stack([val[i * T:i * T + T] for i in range(n)]))
+    y = torch.from_numpy(np.stack([val[i * T + 1:i * T + T + 1] for i in range(n)]))
+    with torch.no_grad():
+        logits = torch.cat([lm.model(x[i:i + 64]).logits for i in range(0, n, 64)])
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    assert result["tokens"] == n * T
+    assert result["loss"] == pytest.approx(loss, abs=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    bpb = loss / math.log(2) * manifest["splits"]["val"]["tokens"] / manifest["splits"]["val"]["bytes"]
+    assert result["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
+    # Add-one unigram baseline from raw counts.
+    train = np.concatenate([np.fromfile(root / "data" / s["file"], dtype=np.uint16)
+                            for s in manifest["splits"]["train"]["shards"]])
+    counts, V = Counter(train.tolist()), manifest["vocab_size"]
+    nll = -sum(math.log((counts[t] + 1) / (len(train) + V)) for t in val.tolist())
+    assert result["unigram_ppl"] == pytest.approx(math.exp(nll / len(val)), rel=1e-6)
+
+
+def test_generate_greedy_equals_argmax_rollout_without_cache(trained, capsys):
+    lm = choicelm.load(trained / "run")
+    prompt = "KING:"
+    text = lm.generate(prompt, max_new_tokens=12, temperature=0, stop_at_eos=False)
+    ids = lm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(lm.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert text == lm.tokenizer.decode(ids[len(lm.tokenizer.encode(prompt)):])
+    capsys.readouterr()
+    assert run_cli("generate", "--checkpoint", trained / "run", "--prompt", prompt, "--max-new-tokens", 12,
+                   "--temperature", 0) == 0
+    assert capsys.readouterr().out == prompt + text + "\n"
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_k(trained):
+    lm = choicelm.load(trained / "run")
+    a = lm.generate("The", max_new_tokens=20, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    b = lm.generate("The", max_new_tokens=20, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    assert a == b
+    from choicelm.generation.sampling import next_token
+
+    logits = torch.randn(1, 50)
+    allowed = set(torch.topk(logits, 5).indices[0].tolist())
+    g = torch.Generator().manual_seed(0)
+    assert all(int(next_token(logits, 1.0, 5, None, g)) in allowed for _ in range(200))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+    (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--max-new-tokens", "100000"], "exceeds the model's block size"),
+])
+def test_generate_rejects_bad_options(trained, capsys, flags, message):
+    assert run_cli("generate", "--checkpoint", trained / "run", "--prompt", "a", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_plot_writes_pngs(trained):
+    assert run_cli("plot", trained / "run") == 0
+    for name in ("loss.png", "throughput.png"):
+        png = trained / "run" / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    cases = [
+        (["tokenizer", "train", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t"], "missing.txt"),
+        (["prepare", "--input", tmp_path / "missing.txt", "--tokenizer", tmp_path, "--out", tmp_path / "d"], "missing.txt"),
+        (["pretrain", "--config", TINY, "--out", tmp_path / "r"], "no training data"),
+        (["pretrain", "--config", TINY, "--data", tmp_path, "--out", tmp_path / "r", "--model.n_layers=2"], "did you mean"),
+        (["evaluate", "--checkpoint", tmp_path / "nope", "--data", tmp_path], "does not exist"),
+        (["plot", tmp_path], "no metrics.csv"),
+    ]
+    for args, message in cases:
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("choicelm: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_non_utf8_file_names_file_and_offset(tmp_path, capsys):
+    good = tmp_path / "good.txt"
+    good.write_text("hello world " * 50)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text \xff\xfe more")
+    assert run_cli("tokenizer", "train", "--input", good, bad, "--vocab-size", 300, "--out", tmp_path / "t") == 2
+    err = capsys.readouterr().err
+    assert "bad.txt" in err and "offset 10" in err and "--errors" in err
+    assert run_cli("tokenizer", "train", "--input", good, bad, "--vocab-size", 300, "--out", tmp_path / "t",
+                   "--errors", "skip") == 0
+    assert run_cli("tokenizer", "train", "--input", good, "--vocab-size", 300, "--out", tmp_path / "t") == 2
+    assert "already holds a tokenizer" in capsys.readouterr().err
