@@ -246,7 +246,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.out_dir / "config.yaml")
             log = MetricsLog(self.out_dir, self.resumed_step)
-        peak = t.peak_flops or measure_peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32)
+        peak = t.peak_flops or (measure_peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32)
+                                if main else 1.0)  # only rank 0 logs MFU
         kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
         bar = _progress(t.max_steps, self.step, main and t.progress)
 
