@@ -154,6 +154,8 @@ class TrainConfig:
     max_nonfinite: int = _f(5, "stop the run after this many non-finite losses in a row (each skips its step)")
     peak_flops: float = _f(0.0, "peak FLOP/s for MFU; 0 = measure a matmul once on this machine and cache it")
     progress: bool = _f(True, "show a progress bar")
+    tune_allocator: bool = _f(True, "keep freed memory in the process (glibc) instead of unmapping the big logits "
+                                    "buffers every step: faster, but resident memory can grow above the live size")
 
     def __post_init__(self) -> None:
         s = "train"

@@ -47,7 +47,8 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: str | None = None, overwr
              objective: str = "causal_lm") -> Path:
     """Train `cfg.model` on the shards in `cfg.data.path`, writing the run to `out_dir`.
     Returns the path of the final checkpoint."""
-    keep_freed_memory()
+    if cfg.train.tune_allocator:
+        keep_freed_memory()
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = init_distributed(device.type)
     try:
