@@ -239,3 +239,15 @@ def test_keep_last_and_best(prepared, tmp_path):
     best = min(rows, key=rows.get)
     assert kept == sorted({8, int(best)})
     assert not list(run.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("flags", [["--train.compile=true"], ["--train.precision=bf16"]], ids=["compile", "bf16"])
+def test_compile_and_bf16_track_the_fp32_eager_losses(prepared, tmp_path, flags):
+    _, data = prepared
+    common = ["--config", TINY, "--data", data, "--train.max_steps=3", "--train.eval_every=0"]
+    run_cli("pretrain", *common, "--out", tmp_path / "eager")
+    run_cli("pretrain", *common, "--out", tmp_path / "other", *flags)
+    eager, other = losses(tmp_path / "eager"), losses(tmp_path / "other")
+    tol = 1e-4 if "compile" in flags[0] else 2e-2  # bf16 matmuls round to 8 bits of mantissa
+    assert all(float(other[s]) == pytest.approx(float(eager[s]), abs=tol) for s in eager)
+    assert read_metrics(tmp_path / "other")[-1]["step"] == 3
