@@ -101,8 +101,8 @@ class Trainer:
             raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
         self.data_dir = Path(cfg.data.path)
         self.train_data = TokenDataset(self.data_dir, "train")
-        self.val_data = TokenDataset(self.data_dir, "val") if t.eval_every and "val" in self.train_data.manifest["splits"] else None
         manifest = self.train_data.manifest
+        self.val_data = TokenDataset(self.data_dir, "val") if t.eval_every and "val" in manifest["splits"] else None
         resolve_vocab_size(cfg, manifest["vocab_size"])
 
         resume_from = prepare_run_dir(out_dir, resume, overwrite, dist_info.is_main)
@@ -112,10 +112,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(device)
-        if cfg.model.block_size > 0 and hasattr(self.model, "flops_per_token"):
-            self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
-        else:
-            self.flops_per_token = 0.0
+        self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
         self.bf16 = use_bf16(t.precision, device)
 

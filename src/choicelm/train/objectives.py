@@ -1,8 +1,9 @@
-"""Objectives: a batch in, (sum of per-token losses, number of valid tokens) out.
+"""Objectives: a batch in, (sum of per-token losses, number of valid tokens, model output) out.
 
 The training loop divides the summed loss by the valid-token count of the whole global batch
 (all micro-batches on all ranks), so every token weighs the same whatever the padding or the
-accumulation. A new objective (MLM, classification, SFT) is one more function here.
+accumulation. The model output carries auxiliary losses (MoE) and statistics to the loop.
+A new objective (MLM, classification, SFT) is one more function here.
 """
 
 from __future__ import annotations
