@@ -24,6 +24,7 @@ import torch
 
 from choicelm.config import ModelConfig
 from choicelm.models import build_model
+from choicelm.train.metrics import peak_memory_mb
 from choicelm.train.runtime import autocast, keep_freed_memory
 
 
@@ -107,9 +108,7 @@ def main() -> None:
         step = make_step(args.child, build(args.child, args), modes[0])
         for _ in range(3):
             step(x, y)
-        import resource
-
-        print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"peak_mb": peak_memory_mb(torch.device("cpu"))}))
         return
 
     kinds = ("choicelm", "hf")

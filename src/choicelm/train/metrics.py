@@ -80,9 +80,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or on CPU this process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from a big parent through fork + exec
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
