@@ -58,7 +58,7 @@ def make_step(kind: str, model: torch.nn.Module, mode: str):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step
 
