@@ -123,10 +123,7 @@ def test_ddp_two_processes_match_one(prepared, tmp_path):
               "--train.micro_batch_size=2", "--train.global_batch_size=4"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     cli_subprocess("pretrain", *common, "--out", single)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "choicelm", "pretrain", *map(str, common), "--out", str(ddp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("pretrain", *common, "--out", ddp)
     ls, ld = read_metrics(single), read_metrics(ddp)
     assert len(ls) == len(ld) == 4
     for rs, rd in zip(ls, ld):
@@ -136,6 +133,26 @@ def test_ddp_two_processes_match_one(prepared, tmp_path):
     ws, wd = weights(single / "step-00000004"), weights(ddp / "step-00000004")
     assert all(torch.allclose(ws[k], wd[k], atol=1e-5) for k in ws)
     assert [c.step for c in ckpt.list_checkpoints(ddp)] == [4]
+
+
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "choicelm", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_ddp_resume_with_dropout_is_exact(prepared, tmp_path):
+    """4 steps straight == 2 steps + resume to 4, on 2 ranks, with dropout drawing from the restored RNG."""
+    _, data = prepared
+    common = ["--config", TINY, "--data", data, "--train.eval_every=0", "--model.dropout=0.2",
+              "--optim.schedule=constant", "--optim.warmup_steps=0", "--train.save_every=2"]
+    torchrun("pretrain", *common, "--out", tmp_path / "straight", "--train.max_steps=4")
+    torchrun("pretrain", *common, "--out", tmp_path / "split", "--train.max_steps=2")
+    torchrun("pretrain", *common, "--out", tmp_path / "split", "--train.max_steps=4", "--resume", "auto")
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    wa, wb = weights(tmp_path / "straight" / "step-00000004"), weights(tmp_path / "split" / "step-00000004")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_nonfinite_losses_skip_steps_then_stop(prepared, tmp_path, monkeypatch):
