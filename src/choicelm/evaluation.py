@@ -14,7 +14,8 @@ import torch
 
 from .data.loader import TokenDataset, eval_batches
 from .errors import ChoicelmError
-from .train.runtime import autocast, use_bf16
+from .train.objectives import causal_lm, summed_loss
+from .train.runtime import use_bf16
 
 METRICS = ("ppl",)
 
@@ -27,15 +28,8 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
     if data.manifest["tokenizer"]["sha256"] != lm.tokenizer.sha256():
         raise ChoicelmError(f"--data {data_dir} was encoded with a different tokenizer than the checkpoint's; "
                             "re-run `choicelm prepare` with the checkpoint's tokenizer folder")
-    model, device = lm.model, lm.device
-    bf16 = use_bf16(precision, device)
-    loss_sum, count = 0.0, 0
-    for x, y in eval_batches(data, lm.config.model.block_size, batch_size, max_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, bf16):
-            out = model(x, y, loss_reduction="sum", return_logits=False)
-        loss_sum += float(out.loss)
-        count += int((y != -100).sum())
+    batches = eval_batches(data, lm.config.model.block_size, batch_size, max_batches)
+    loss_sum, count = summed_loss(causal_lm, lm.model, batches, lm.device, use_bf16(precision, lm.device))
     if count == 0:
         raise ChoicelmError(f"split '{split}' of {data_dir} has no complete window of {lm.config.model.block_size + 1} tokens")
     loss = loss_sum / count

@@ -30,7 +30,7 @@ from ..models import build_model
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .metrics import MetricsLog, measure_peak_flops, peak_memory_mb
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, summed_loss
 from .optim import build_optimizer, lr_at, set_lr
 from .runtime import autocast, keep_freed_memory, pick_device, use_bf16
 
@@ -205,19 +205,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm, data_wait
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per valid token over the first eval_batches validation micro-batches."""
-        self.model.eval()
+        """Mean loss per valid token over the first eval_batches validation micro-batches (all ranks)."""
         t = self.cfg.train
-        loss_sum, count = 0.0, 0
-        for batch in eval_batches(self.val_data, self.cfg.model.block_size, t.micro_batch_size, t.eval_batches,
-                                  self.dist.rank, self.dist.world_size):
-            batch = tuple(x.to(self.device) for x in batch)
-            with autocast(self.device, self.bf16):
-                batch_loss, n, _ = self.objective(self.model, batch)
-            loss_sum += float(batch_loss)
-            count += n
+        batches = eval_batches(self.val_data, self.cfg.model.block_size, t.micro_batch_size, t.eval_batches,
+                               self.dist.rank, self.dist.world_size)
+        self.model.eval()
+        loss_sum, count = summed_loss(self.objective, self.model, batches, self.device, self.bf16)
         self.model.train()
         loss_sum, count = all_reduce_sum([loss_sum, count], self.dist, self.device)
         return loss_sum / max(count, 1)
@@ -279,17 +273,18 @@ class Trainer:
                 last_evaluated = self.step
                 self.best_val = min(self.best_val, val_loss)
             if main and (self.step % t.log_every == 0 or val_loss is not None or final):
+                lr = lr_at(self.step - 1, self.cfg.optim, t.max_steps)
                 tokens_per_s = window["tokens"] / max(window["time"], 1e-9)
                 flops_per_s = tokens_per_s * self.flops_per_token
                 log.write({
                     "step": self.step, "tokens": self.tokens, "train_loss": window["loss"] / max(window["steps"], 1),
                     "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
-                    "lr": lr_at(self.step - 1, self.cfg.optim, t.max_steps), "grad_norm": grad_norm,
+                    "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
                     "mfu": flops_per_s / (peak * self.dist.world_size), "peak_mem_mb": peak_memory_mb(self.device),
                     "data_wait": window["data"] / max(window["time"], 1e-9),
                     "nonfinite_skipped": self.nonfinite_total, "elapsed_s": self.elapsed})
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(self.step - 1, self.cfg.optim, t.max_steps):.2e}",
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 window = {k: 0.0 if k != "steps" else 0 for k in window}
             bar.update(1)

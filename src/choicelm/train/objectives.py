@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .runtime import autocast
+
 
 def causal_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     """Next-token prediction: targets are the inputs shifted by one; -100 marks ignored positions."""
@@ -20,3 +22,16 @@ def causal_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
 
 
 OBJECTIVES = {"causal_lm": causal_lm}
+
+
+@torch.no_grad()
+def summed_loss(objective, model: torch.nn.Module, batches, device: torch.device, bf16: bool) -> tuple[float, int]:
+    """(sum of per-token losses, valid tokens) of `objective` over `batches`: for validation and evaluation."""
+    loss_sum, count = 0.0, 0
+    for batch in batches:
+        batch = tuple(t.to(device) for t in batch)
+        with autocast(device, bf16):
+            batch_loss, n, _ = objective(model, batch)
+        loss_sum += float(batch_loss)
+        count += n
+    return loss_sum, count
