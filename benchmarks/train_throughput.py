@@ -77,7 +77,7 @@ def child_peak_memory(kind: str, mode: str, args) -> float:
     """Max RSS (MB) of a fresh process running a few steps of one (model, mode)."""
     cmd = [sys.executable, __file__, "--child", kind, "--modes", mode, "--layers", str(args.layers),
            "--width", str(args.width), "--heads", str(args.heads), "--seq", str(args.seq),
-           "--batch", str(args.batch), "--vocab", str(args.vocab)]
+           "--batch", str(args.batch), "--vocab", str(args.vocab), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return float("nan")
@@ -97,8 +97,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the per-pair peak-memory child processes")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (one per core)")
     p.add_argument("--child", choices=("choicelm", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     keep_freed_memory()  # both models run under the same allocator setting
     modes = args.modes.split(",")
     x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))

@@ -215,6 +215,11 @@ def test_linear_cross_entropy_small_chunks_and_no_grad():
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, t, "sum", group_rows=7, slice_rows=7),
                                    F.cross_entropy(h @ w.T, t, reduction="sum"), atol=1e-5, rtol=1e-6)
+    # the saved gradients are scaled in place, so a second backward through the same graph must refuse
+    loss = linear_cross_entropy(h, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(ChoicelmError, match="only once"):
+        loss.backward()
 
 
 def test_linear_cross_entropy_when_target_probability_underflows():
@@ -336,3 +341,25 @@ def test_key_padding_mask_in_attention():
         causal.load_state_dict(attn.state_dict())
         torch.testing.assert_close(causal(x, key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), causal(x),
                                    atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_with_cache", "padding_mask", "gqa"])
+def test_plain_attention_equals_sdpa(case):
+    from choicelm.models.layers import plain_attention
+    torch.manual_seed(7)
+    B, H, T, S, Q = 2, 4, 5, 5, 8
+    K = 2 if case == "gqa" else H
+    if case == "causal_with_cache":
+        S = 9
+    q = torch.randn(B, H, T, Q)
+    k, v = torch.randn(B, K, S, Q), torch.randn(B, K, S, Q)
+    mask, is_causal = None, case in ("causal", "gqa")
+    if case == "causal_with_cache":
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    if case == "padding_mask":
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        mask[0, ..., :2] = False
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=K != H)
+    torch.testing.assert_close(plain_attention(q, k, v, mask, is_causal, 0.0), ref, atol=1e-6, rtol=1e-5)
+    low = plain_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, is_causal, 0.0)
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
