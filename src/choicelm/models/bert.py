@@ -1,0 +1,357 @@
+"""Bidirectional Transformer encoder (BERT): masked-LM pretraining and a sequence-classification head.
+
+    embeddings   word + learned position + token type, then LayerNorm and dropout
+    blocks       post-norm, as BERT: x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)); attention is not causal
+                 and never looks at padding (attention_mask_BT)
+    mlm head     dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias
+    classifier   pooler (dense + tanh on the first token, BERT's [CLS]), dropout, linear to n_labels
+
+A model has the heads it trains, as Hugging Face's classes do: a masked-LM model (n_labels = 0, like
+BertForMaskedLM) the MLM head and no pooler; a classifier (n_labels >= 2, like BertForSequenceClassification)
+the pooler and classifier and no MLM head. So every parameter gets a gradient (DDP needs that), and
+`add_classifier` turns a pretrained masked-LM model into a classifier for fine-tuning.
+
+The attention and MLP are layers.py's, so the math is GPT's; the MLP's GELU is the exact (erf) one,
+as BERT's `hidden_act="gelu"`. Parameter names and Hugging Face BERT's (see `state_dict_from_hf_bert`):
+
+    embeddings.wte.weight           bert.embeddings.word_embeddings.weight      [V, D]
+    embeddings.wpe.weight           bert.embeddings.position_embeddings.weight  [block_size, D]
+    embeddings.wtt.weight           bert.embeddings.token_type_embeddings.weight [type_vocab_size, D]
+    embeddings.ln.{weight,bias}     bert.embeddings.LayerNorm
+    h.{i}.attn.c_attn.{weight,bias} cat(attention.self.query, .key, .value)     rows [q | k | v]
+    h.{i}.attn.c_proj               attention.output.dense
+    h.{i}.ln_1                      attention.output.LayerNorm
+    h.{i}.mlp.c_fc                  intermediate.dense
+    h.{i}.mlp.c_proj                output.dense
+    h.{i}.ln_2                      output.LayerNorm
+    mlm_head.dense / mlm_head.ln    cls.predictions.transform.dense / .LayerNorm             (masked-LM model)
+    lm_head.weight / lm_head.bias   cls.predictions.decoder.weight (= wte when tied) / cls.predictions.decoder.bias
+                                    (= cls.predictions.bias)                                 (masked-LM model)
+    pooler                          bert.pooler.dense                                        (classifier)
+    classifier                      classifier                                               (classifier)
+
+(HF's `encoder.layer.{i}` prefix is `h.{i}` here; a bare BertModel has no `bert.` prefix.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..errors import ChoicelmError
+from .layers import IGNORE_INDEX, MLP, ModelOutput, SelfAttention, cross_entropy, make_norm
+
+
+class BertMLP(MLP):
+    """GPT-2's MLP layout with BERT's activation: the exact (erf) GELU, not the tanh approximation."""
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x_BTD))))
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm block: the residual add comes before the norm (BERT, the original Transformer)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(config, causal=False)
+        self.ln_1 = make_norm(config)
+        self.mlp = BertMLP(config)
+        self.ln_2 = make_norm(config)
+
+    def forward(self, x_BTD: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x_BTD = self.ln_1(x_BTD + self.attn(x_BTD, key_padding_mask=key_padding_mask))
+        x_BTD = self.ln_2(x_BTD + self.mlp(x_BTD))
+        return x_BTD
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction-head transform: LayerNorm(gelu(dense(h))). The decoder is the model's lm_head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.ln = make_norm(config)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.ln(F.gelu(self.dense(x_ND)))
+
+
+class BERT(nn.Module):
+    """Encoder. forward(idx_BT, targets_BT=None, *, attention_mask_BT, token_type_ids_BT, labels_B) -> ModelOutput.
+
+    A masked-LM model (config.n_labels == 0) returns MLM logits [B, T, V] and, given targets_BT (the original
+    ids at masked positions, -100 elsewhere), their cross-entropy. A classifier (n_labels >= 2) returns
+    class logits [B, n_labels] and, given labels_B, their cross-entropy. `encode` gives the hidden states.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        D = config.n_embd
+        self.embeddings = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, D),
+            wpe=nn.Embedding(config.block_size, D),
+            wtt=nn.Embedding(config.type_vocab_size, D),
+            ln=make_norm(config),
+            drop=nn.Dropout(config.dropout),
+        ))
+        self.h = nn.ModuleList([EncoderBlock(config) for _ in range(config.n_layer)])
+        self.mlm_head = self.lm_head = self.pooler = self.classifier = None
+        if config.n_labels:
+            self._make_classifier(config.n_labels)
+        else:
+            self.mlm_head = MLMHead(config)
+            self.lm_head = nn.Linear(D, config.vocab_size)  # its bias is BERT's cls.predictions.bias
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embeddings.wte.weight
+        self.cls_drop = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    def _make_classifier(self, n_labels: int) -> None:
+        self.pooler = nn.Linear(self.config.n_embd, self.config.n_embd)
+        self.classifier = nn.Linear(self.config.n_embd, n_labels)
+
+    def reset_parameters(self) -> None:
+        """BERT's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, norms at 1.
+        Deterministic given torch.manual_seed."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and self.config.tie_embeddings:
+                    nn.init.zeros_(module.bias)  # its weight is wte
+                    continue
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    @property
+    def head(self) -> str:
+        """Which head forward runs: "classify" (n_labels > 0) or "mlm"."""
+        return "classify" if self.config.n_labels else "mlm"
+
+    # ------------------------------------------------------------------------- forward
+
+    def encode(self, idx_BT: torch.Tensor, *, attention_mask_BT: torch.Tensor | None = None,
+               token_type_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, T, D] of the last block (HF's last_hidden_state).
+
+        attention_mask_BT: 1 = real token, 0 = padding (never attended to; padded rows still get states).
+        token_type_ids_BT: segment ids in [0, type_vocab_size); default all 0.
+        """
+        B, T = idx_BT.shape
+        c = self.config
+        if T > c.block_size:
+            raise ChoicelmError(f"sequence length {T} exceeds the encoder's block size {c.block_size}; truncate the "
+                                f"input to {c.block_size} tokens")
+        if token_type_ids_BT is None:
+            token_type_ids_BT = torch.zeros_like(idx_BT)
+        elif token_type_ids_BT.shape != idx_BT.shape:
+            raise ChoicelmError(f"token_type_ids has shape {tuple(token_type_ids_BT.shape)}, the input ids "
+                                f"{tuple(idx_BT.shape)}; give one segment id per token")
+        elif int(token_type_ids_BT.max()) >= c.type_vocab_size or int(token_type_ids_BT.min()) < 0:
+            raise ChoicelmError(f"token_type_ids must be in [0, {c.type_vocab_size}) (model.type_vocab_size)")
+        key_padding_mask = None
+        if attention_mask_BT is not None:
+            if attention_mask_BT.shape != idx_BT.shape:
+                raise ChoicelmError(f"attention_mask has shape {tuple(attention_mask_BT.shape)}, the input ids "
+                                    f"{tuple(idx_BT.shape)}; give 1 (token) or 0 (padding) per token")
+            key_padding_mask = attention_mask_BT.to(torch.bool)
+            if not bool(key_padding_mask.any(dim=1).all()):  # softmax over no key at all is NaN
+                raise ChoicelmError("a row of attention_mask has no real token (all 0); drop empty rows")
+        pos_T = torch.arange(T, dtype=torch.long, device=idx_BT.device)
+        e = self.embeddings
+        x_BTD = e.wte(idx_BT) + e.wpe(pos_T) + e.wtt(token_type_ids_BT)
+        x_BTD = e.drop(e.ln(x_BTD))
+        for block in self.h:
+            x_BTD = block(x_BTD, key_padding_mask)
+        return x_BTD
+
+    def mlm_logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """MLM logits [..., V] of hidden states [..., D]."""
+        return self.lm_head(self.mlm_head(x_ND))
+
+    def pool(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output [B, D]: tanh(dense(state of the first token))."""
+        return torch.tanh(self.pooler(x_BTD[:, 0]))
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
+                attention_mask_BT: torch.Tensor | None = None, token_type_ids_BT: torch.Tensor | None = None,
+                labels_B: torch.Tensor | None = None, loss_reduction: str = "mean",
+                return_logits: bool = True) -> ModelOutput:
+        """idx_BT: token ids (masked, for MLM).
+
+        targets_BT:   masked-LM targets: the original id at each masked position, -100 elsewhere.
+        labels_B:     classifier targets, class ids in [0, n_labels) (-100 = ignore).
+        return_logits: False (MLM with targets) computes logits only at the masked positions, for the loss.
+        loss_reduction: "mean" over valid targets, or "sum".
+        """
+        if self.classifier is None and labels_B is not None:
+            raise ChoicelmError("labels given to a masked-LM encoder (model.n_labels=0); build it with "
+                                "model.n_labels=N, or call add_classifier(N), to get a classification head")
+        if self.classifier is not None and targets_BT is not None:
+            raise ChoicelmError("masked-LM targets given to a classifier (model.n_labels > 0), which has no "
+                                "masked-LM head; pass labels_B")
+        x_BTD = self.encode(idx_BT, attention_mask_BT=attention_mask_BT, token_type_ids_BT=token_type_ids_BT)
+
+        if self.classifier is not None:
+            logits_BL = self.classifier(self.cls_drop(self.pool(x_BTD)))
+            loss = None if labels_B is None else cross_entropy(logits_BL, labels_B, loss_reduction)
+            return ModelOutput(logits=logits_BL, loss=loss)
+
+        logits = loss = None
+        if return_logits:
+            logits = self.mlm_logits(x_BTD)
+            if targets_BT is not None:
+                loss = cross_entropy(logits, targets_BT, loss_reduction)
+        elif targets_BT is not None:
+            # Only ~15% of positions are targets: run the head and the [*, V] decoder on those rows alone.
+            rows_N = (targets_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+            x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])[rows_N]
+            loss = cross_entropy(self.mlm_logits(x_ND), targets_BT.reshape(-1)[rows_N], loss_reduction)
+        return ModelOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------------------- utilities
+
+    def add_classifier(self, n_labels: int) -> "BERT":
+        """Turn a (pretrained) masked-LM encoder into a classifier of n_labels classes, for fine-tuning: a fresh
+        pooler and classifier (N(0, 0.02) weights, zero biases, on the encoder's device and dtype) replace the
+        MLM head; forward then classifies. Load the pretrained weights first, then call this. Returns self."""
+        if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 2:
+            raise ChoicelmError(f"n_labels={n_labels!r}: a classifier needs at least 2 classes")
+        if self.classifier is not None:
+            raise ChoicelmError(f"this encoder already has a {self.config.n_labels}-class head; build a new model "
+                                "from the masked-LM checkpoint to change the number of classes")
+        w = self.embeddings.wte.weight
+        self.mlm_head = self.lm_head = None
+        self._make_classifier(n_labels)
+        for head in (self.pooler, self.classifier):
+            head.to(device=w.device, dtype=w.dtype)
+            nn.init.normal_(head.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(head.bias)
+        self.config = dataclasses.replace(self.config, n_labels=n_labels)
+        return self
+
+    def num_params(self, exclude_embeddings: bool = True) -> int:
+        """Number of (unique) parameters; exclude_embeddings drops the position and token-type tables and
+        wte unless it is tied to the MLM decoder (then it does compute)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embeddings.wpe.weight.numel() + self.embeddings.wtt.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.embeddings.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, 6 * N + 12 * n_layer * n_head * head_dim * seq_len (as GPT.flops_per_token).
+        An upper bound for MLM training, where the [D, V] decoder runs only on the ~15% masked positions."""
+        c = self.config
+        attention = 12 * c.n_layer * c.n_head * c.head_dim * (seq_len or c.block_size)
+        return 6 * self.num_params(exclude_embeddings=True) + attention
+
+
+# ----------------------------------------------------------------------------- Hugging Face BERT
+
+
+def config_from_hf_bert(hf_config: dict, n_labels: int | None = None) -> ModelConfig:
+    """The ModelConfig that computes what a Hugging Face BertModel / BertForMaskedLM /
+    BertForSequenceClassification with this config.json computes. n_labels: None = num_labels for a
+    BertForSequenceClassification config, else 0."""
+    c = hf_config
+    act = c.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ChoicelmError(f"BERT hidden_act={act!r} is not supported; choicelm's encoder uses the exact GELU (gelu)")
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        raise ChoicelmError(f"BERT position_embedding_type={c['position_embedding_type']!r} is not supported; "
+                            "only absolute (learned) positions")
+    if c.get("hidden_dropout_prob", 0.1) != c.get("attention_probs_dropout_prob", 0.1):
+        raise ChoicelmError("BERT with different hidden and attention dropout is not supported; choicelm has one "
+                            "model.dropout (set both to the same value)")
+    if n_labels is None:
+        archs = c.get("archs") or c.get("architectures") or []
+        classify = any(a.endswith("ForSequenceClassification") for a in archs)
+        n_labels = (c.get("num_labels") or len(c.get("id2label") or {}) or 2) if classify else 0
+    return ModelConfig(kind="bert", vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 512),
+                       n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+                       mlp_hidden=c["intermediate_size"], norm="layernorm", norm_eps=c.get("layer_norm_eps", 1e-12),
+                       mlp="gelu", pos="learned", bias=True, tie_embeddings=c.get("tie_word_embeddings", True),
+                       dropout=float(c.get("hidden_dropout_prob", 0.1)), type_vocab_size=c.get("type_vocab_size", 2),
+                       n_labels=n_labels)
+
+
+_HF_EMBEDDINGS = {"word_embeddings": "wte", "position_embeddings": "wpe", "token_type_embeddings": "wtt",
+                  "LayerNorm": "ln"}
+_HF_LAYER = {"attention.output.dense": "attn.c_proj", "attention.output.LayerNorm": "ln_1",
+             "intermediate.dense": "mlp.c_fc", "output.dense": "mlp.c_proj", "output.LayerNorm": "ln_2"}
+_HF_HEADS = {"pooler.dense": "pooler", "cls.predictions.transform.dense": "mlm_head.dense",
+             "cls.predictions.transform.LayerNorm": "mlm_head.ln", "cls.predictions.decoder": "lm_head",
+             "classifier": "classifier"}
+
+
+def state_dict_from_hf_bert(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename (and fuse q/k/v of) a Hugging Face BERT state dict into BERT's names, every head the source has
+    included (a BertModel has a pooler and no MLM head, a BertForMaskedLM the MLM head and no pooler); an
+    unknown tensor is an error. Buffers (position_ids, token_type_ids) are skipped."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in hf_state.items():
+        key = name.removeprefix("bert.")
+        if key.endswith(("position_ids", "token_type_ids")):
+            continue
+        stem, _, leaf = key.rpartition(".")  # leaf: weight | bias (or the bare cls.predictions.bias)
+        if key == "cls.predictions.bias":
+            out.setdefault("lm_head.bias", tensor)  # the decoder's own bias, when also present, is the one used
+        elif stem.startswith("embeddings.") and stem.split(".")[1] in _HF_EMBEDDINGS:
+            out[f"embeddings.{_HF_EMBEDDINGS[stem.split('.')[1]]}.{leaf}"] = tensor
+        elif stem.startswith("encoder.layer."):
+            i, _, sub = stem.removeprefix("encoder.layer.").partition(".")
+            if sub in ("attention.self.query", "attention.self.key", "attention.self.value"):
+                qkv.setdefault((int(i), leaf), {})[sub.rsplit(".", 1)[1]] = tensor
+            elif sub in _HF_LAYER:
+                out[f"h.{i}.{_HF_LAYER[sub]}.{leaf}"] = tensor
+            else:
+                raise ChoicelmError(f"unexpected BERT tensor {name}; it has no counterpart in choicelm's encoder")
+        elif stem in _HF_HEADS:
+            if stem == "cls.predictions.decoder" and config.tie_embeddings and leaf == "weight":
+                continue  # the tied word embeddings
+            out[f"{_HF_HEADS[stem]}.{leaf}"] = tensor
+        else:
+            raise ChoicelmError(f"unexpected BERT tensor {name}; it has no counterpart in choicelm's encoder")
+    for (i, leaf), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ChoicelmError(f"BERT layer {i} lacks attention {leaf} tensors ({', '.join(sorted(parts))} found)")
+        out[f"h.{i}.attn.c_attn.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def load_hf_bert_state(model: BERT, hf_state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy a Hugging Face BERT state dict into `model`; the encoder must be complete. Returns (missing,
+    ignored): the model's head tensors the source lacks (they keep their initialisation: a BertModel or
+    BertForMaskedLM has no classifier) and the source's head tensors this model has no place for (a BertModel's
+    pooler in a masked-LM model, an MLM head in a classifier)."""
+    state = state_dict_from_hf_bert(hf_state, model.config)
+    ours = model.state_dict()
+    ignored = sorted(name for name in state if name not in ours and not name.startswith(("embeddings.", "h.")))
+    for name in ignored:
+        del state[name]
+    for name, tensor in state.items():
+        if name not in ours:
+            raise ChoicelmError(f"Hugging Face tensor for {name} has no place in this model; build it with "
+                                "config_from_hf_bert(config.json)")
+        if ours[name].shape != tensor.shape:
+            raise ChoicelmError(f"{name}: Hugging Face shape {tuple(tensor.shape)} != choicelm "
+                                f"{tuple(ours[name].shape)}; build the model with config_from_hf_bert(config.json)")
+    missing, _ = model.load_state_dict(state, strict=False)
+    if model.config.tie_embeddings:  # loaded through wte
+        missing = [m for m in missing if m != "lm_head.weight"]
+    encoder_missing = [m for m in missing if m.startswith(("embeddings.", "h."))]
+    if encoder_missing:
+        raise ChoicelmError(f"the Hugging Face checkpoint lacks encoder tensors: {', '.join(encoder_missing[:5])}")
+    return sorted(missing), ignored
