@@ -26,7 +26,9 @@ def run_cli(*args) -> int:
 def test_verb_map_is_frozen():
     parser = build_parser()
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
-    assert sorted(verbs) == ["evaluate", "generate", "plot", "prepare", "pretrain", "tokenizer"]
+    assert sorted(verbs) == ["chat", "convert", "evaluate", "generate", "plot", "prepare", "pretrain", "serve", "tokenizer"]
+    convert = next(a for a in verbs["convert"]._actions if a.dest == "action").choices
+    assert sorted(convert) == ["from-hf", "to-arpa", "to-hf"]
 
 
 def test_pretrain_help_lists_every_config_key(capsys):

@@ -4,7 +4,6 @@ seeded sampling inside the allowed set; stop strings; UTF-8-safe streaming; API,
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 model list, streams a reply token by token, shows tokens/s, and the stop button ends the stream and frees the
 server's slot. Skipped, with the reason, when chromium or playwright is missing."""
 
-import shutil
 import time
 from pathlib import Path
 

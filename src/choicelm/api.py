@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
 
 from .config import Config
 from .errors import ChoicelmError
-from .generation.sampling import generate_ids
+from .generation import GenerationConfig, generate_text, stream_text
+from .generation.layout import prepare_for_decoding
 from .models import build_model
 from .tokenizer import Tokenizer
 from .train import checkpoint as ckpt
@@ -31,27 +33,104 @@ class LanguageModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True) -> str:
-        """Continue `prompt`; returns only the new text. temperature=0 is greedy decoding."""
-        ids = generate_ids(self.model, self.tokenizer.encode(prompt), max_new_tokens, temperature, top_k, top_p,
-                           seed, self.tokenizer.eot_id if stop_at_eos else None)
-        if stop_at_eos and ids and ids[-1] == self.tokenizer.eot_id:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids)
+    def generation_config(self, stop_at_eos: bool = True, **options) -> GenerationConfig:
+        """GenerationConfig from keyword options (see its docstring); EOS is the tokenizer's <|endoftext|>."""
+        if self.config.model.kind == "bert":
+            raise ChoicelmError("a BERT encoder does not generate text (it fills masks and classifies); "
+                                "generate with a gpt, lstm or ngram checkpoint")
+        if self.config.model.kind == "seq2seq":
+            raise ChoicelmError("an encoder-decoder generates from a source: use "
+                                "choicelm.generation.seq2seq.generate_seq2seq(lm.model, sources, ...)")
+        if stop_at_eos:
+            options.setdefault("eos_token_id", self.tokenizer.eot_id)
+        return GenerationConfig.from_options(**options)
+
+    def generate(self, prompt: str | list[str], *, stop_at_eos: bool = True, **options) -> str | list:
+        """Continue `prompt` (or each prompt of a list, batched with left padding); returns only the new text.
+
+        options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
+        no_repeat_ngram_size, num_beams, length_penalty, early_stopping, num_return_sequences, seed, stop
+        (see choicelm.generation.GenerationConfig). One prompt gives a str, a list gives a list of str;
+        with num_return_sequences = n > 1 each prompt gives a list of n str instead.
+        """
+        cfg = self.generation_config(stop_at_eos, **options)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ChoicelmError("generate() takes a prompt string or a list of prompt strings")
+        completions = generate_text(self.model, self.tokenizer, [self.tokenizer.encode(p) for p in prompts], cfg)
+        texts = [c.text for c in completions]
+        n = cfg.num_return_sequences
+        if n > 1:
+            texts = [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, *, stop_at_eos: bool = True, **options) -> Iterator[str]:
+        """Yield the continuation of `prompt` as text deltas while it is generated (same options as
+        generate, one sequence). A delta never splits a UTF-8 character or shows part of a stop string."""
+        cfg = self.generation_config(stop_at_eos, **options)
+        return stream_text(self.model, self.tokenizer, self.tokenizer.encode(prompt), cfg)
 
 
-def load(path: str | Path, device: str = "auto") -> LanguageModel:
-    """Load a run directory (its newest complete checkpoint) or one step-XXXXXXXX directory."""
+def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> LanguageModel:
+    """Load a run directory (its newest complete checkpoint) or one step-XXXXXXXX directory, in eval mode,
+    with its weights in the decode-friendly layout (generation/layout.py: same values, faster decoding).
+    dtype: None keeps the stored precision; "bf16" halves the bytes read per token (faster decoding on CPUs
+    with bf16 support, logits rounded to bf16); "fp32"."""
+    dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ChoicelmError(f"dtype={dtype!r} is not allowed; choose fp32 or bf16 (or leave it unset)")
     step_dir = ckpt.resolve_checkpoint(path)
     config_file = step_dir / "config.yaml"
     if not config_file.is_file():
         raise ChoicelmError(f"{step_dir} has no config.yaml; it is not a choicelm checkpoint")
     cfg = Config.from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
-    model = build_model(cfg.model)
+    if cfg.model.kind == "ngram":
+        return _load_ngram(step_dir, cfg)
+    model = build_model(cfg.model, cfg.moe)
     ckpt.load_weights(model, step_dir)
     model.to(pick_device(device)).eval()
+    if dtype is not None:
+        model.to(dtypes[dtype])
+    prepare_for_decoding(model)
     tok_dir = step_dir / "tokenizer"
     if not tok_dir.is_dir():
         raise ChoicelmError(f"{step_dir} has no tokenizer/ folder; the checkpoint was written without its tokenizer")
     return LanguageModel(model, Tokenizer.load(tok_dir), cfg, step_dir)
+
+
+class CountedLanguageModel(LanguageModel):
+    """What `load` returns for an n-gram checkpoint: `.model` is the NGramLM (numpy, no forward);
+    `.tokenizer` the data's tokenizer (or the model's word vocabulary); generate samples from it."""
+
+    def generation_config(self, stop_at_eos: bool = True, **options):
+        return None  # sampling options are checked by generate
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def generate(self, prompt: str, *, stop_at_eos: bool = True, max_new_tokens: int = 100, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None, **options) -> str:
+        """Sample a continuation of `prompt` (temperature 0 = greedy, top_k); other options need a neural model."""
+        unsupported = sorted(k for k, v in options.items() if v and v != 1)  # set away from its "off" value
+        if unsupported:
+            raise ChoicelmError(f"an n-gram model samples with max_new_tokens, temperature, top_k and seed only; "
+                                f"{', '.join(unsupported)} need a neural model")
+        if not isinstance(prompt, str):
+            raise ChoicelmError("an n-gram model generates for one prompt at a time")
+        lm = self.model
+        context = list(self.tokenizer.encode(prompt))
+        ids = lm.sample(max_tokens=max_new_tokens, seed=seed, context=context, temperature=temperature,
+                        top_k=top_k or None, stop_at_eos=stop_at_eos)
+        text = self.tokenizer.decode(ids)
+        if lm.kind == "words" and text and prompt and not prompt[-1].isspace():
+            text = " " + text  # words are joined by spaces
+        return text
+
+
+def _load_ngram(step_dir: Path, cfg: Config) -> CountedLanguageModel:
+    from .models.ngram import NGramLM
+
+    lm = NGramLM.load(step_dir)
+    tokenizer = lm.words if lm.kind == "words" else Tokenizer.load(step_dir / "tokenizer")
+    return CountedLanguageModel(lm, tokenizer, cfg, step_dir)

@@ -4,8 +4,12 @@
     choicelm prepare  --input PATH --tokenizer DIR --out DIR [--val-files a,b | --val-fraction F]
     choicelm pretrain --config configs/X.yaml --data DIR --out RUN [--section.key=value ...] [--resume auto]
     choicelm evaluate --checkpoint RUN --data DIR --metrics ppl
-    choicelm generate --checkpoint RUN --prompt "..." [--max-new-tokens --temperature --top-k --top-p --seed]
+    choicelm generate --checkpoint RUN --prompt "..." [--max-new-tokens --temperature --top-k --top-p --min-p
+                      --repetition-penalty --no-repeat-ngram-size --num-beams --seed --stop S ... --stream]
+    choicelm chat     --checkpoint RUN [same options]       # terminal chat; /reset, /quit
+    choicelm serve    --checkpoint RUN [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 16 --max-queue 64]
     choicelm plot     RUN
+    choicelm convert  from-hf HF_DIR OUT [--tokenizer DIR] | to-hf CHECKPOINT OUT   [--overwrite]
 
 Bad input ends with one line `choicelm: error: ...` on stderr and exit status 2.
 """
@@ -60,17 +64,82 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def _generation_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+                length_penalty=args.length_penalty, stop=args.stop or [])
+
+
 def cmd_generate(args) -> None:
     from . import load
 
     lm = load(args.checkpoint, args.device)
+    options = _generation_options(args)
+    lm.generation_config(**options)  # a bad option fails before anything is printed
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = lm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k or None, top_p=args.top_p, seed=seed)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + text)
+        if args.stream:
+            print(args.prompt, end="", flush=True)
+            for delta in lm.stream(args.prompt, seed=seed, **options):
+                print(delta, end="", flush=True)
+            print()
+        else:
+            print(args.prompt + lm.generate(args.prompt, seed=seed, **options))
+
+
+def cmd_chat(args) -> None:
+    from . import load
+    from .generation.chat import ChatSession
+
+    lm = load(args.checkpoint, args.device)
+    session = ChatSession(lm, system=args.system, seed=args.seed, **_generation_options(args))
+    lm.generation_config(**session.options)  # a bad option fails before the first prompt
+    print("chat with the model; /reset clears the history, /quit (or Ctrl-D) leaves", flush=True)
+    while True:
+        try:
+            message = input("you> ")
+        except EOFError:
+            print()
+            return
+        command = message.strip()
+        if command == "/quit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(history cleared)", flush=True)
+            continue
+        if not command:
+            continue
+        print("model> ", end="", flush=True)
+        for delta in session.reply(message):
+            print(delta, end="", flush=True)
+        print(flush=True)
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default 1 when sampling")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1 = beam search (deterministic)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the output before this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--device", default="auto")
+
+
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, device=args.device, dtype=args.dtype, model_name=args.model_name)
 
 
 def cmd_plot(args) -> None:
@@ -78,6 +147,26 @@ def cmd_plot(args) -> None:
 
     for path in plot_run(args.run, args.out):
         print(f"wrote {path}")
+
+
+def cmd_convert_from_hf(args) -> None:
+    from .interop import from_hf
+
+    out = from_hf(args.src, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    print(f"wrote {out} (load it with choicelm.load or --checkpoint {out})")
+
+
+def cmd_convert_to_hf(args) -> None:
+    from .interop import to_hf
+
+    out = to_hf(args.src, args.out, overwrite=args.overwrite)
+    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load it)")
+
+
+def cmd_convert_to_arpa(args) -> None:
+    from .interop.arpa import to_arpa
+
+    print(f"wrote {to_arpa(args.src, args.out, overwrite=args.overwrite)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,19 +219,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="continue a prompt")
     p.add_argument("--checkpoint", required=True, help="run directory or step-XXXXXXXX folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default="auto")
+    _add_generation_flags(p)
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (seeds seed, seed+1, ...)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("chat", help="chat with a model in the terminal (/reset, /quit)")
+    p.add_argument("--checkpoint", required=True, help="run directory or step-XXXXXXXX folder")
+    p.add_argument("--system", default=None, help="text put before the conversation")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /")
+    p.add_argument("--checkpoint", required=True, help="run directory or step-XXXXXXXX folder (a GPT, dense or MoE)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 429")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's folder name)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="weights' precision (default: as stored)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("plot", help="draw a run's loss and throughput curves as PNG")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
     p.set_defaults(func=cmd_plot)
+
+    conv = verbs.add_parser("convert", help="convert checkpoints to and from Hugging Face (and ARPA)")
+    conv = conv.add_subparsers(dest="action", required=True, metavar="{from-hf,to-hf,to-arpa}")
+    p = conv.add_parser("from-hf", help="a Hugging Face GPT2LMHeadModel / LlamaForCausalLM folder -> choicelm checkpoint")
+    p.add_argument("src", metavar="HF_DIR", help="folder with config.json, model.safetensors (or pytorch_model.bin) "
+                                                 "and tokenizer.json or vocab.json + merges.txt")
+    p.add_argument("out", metavar="OUT", help="checkpoint folder to write (must not exist or be empty)")
+    p.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder instead of HF_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert_from_hf)
+    p = conv.add_parser("to-hf", help="a choicelm checkpoint -> Hugging Face folder (safetensors, config.json, tokenizer)")
+    p.add_argument("src", metavar="CHECKPOINT", help="run directory (newest complete checkpoint) or step-XXXXXXXX folder")
+    p.add_argument("out", metavar="OUT", help="folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert_to_hf)
+    p = conv.add_parser("to-arpa", help="an n-gram checkpoint -> ARPA file (KenLM and SRILM load it)")
+    p.add_argument("src", metavar="CHECKPOINT", help="n-gram run directory or step-XXXXXXXX folder")
+    p.add_argument("out", metavar="OUT", help="the .arpa file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert_to_arpa)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Grouped dataclass configs: validated on construction, loaded from YAML, overridden from the CLI.
 
-A run's config has four sections, each a dataclass below: `model`, `data`, `optim`, `train`.
+A run's config has six sections, each a dataclass below: `model`, `data`, `optim`, `train`, `moe`, `ngram`.
 Every field carries a help string (it becomes `--help`); every section validates itself in
 `__post_init__`, so a bad value fails before any work starts, with a message naming the key.
 
@@ -46,7 +46,10 @@ def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> 
 class ModelConfig:
     """Model architecture. Defaults reproduce GPT-2 (124M) exactly."""
 
-    kind: str = _f("gpt", "model family: gpt")
+    kind: str = _f("gpt", "model family: gpt | lstm (n_layer LSTM layers of width n_embd; no attention keys apply) | "
+                         "ngram (counted; see the ngram section) | seq2seq (encoder-decoder: n_layer encoder blocks, "
+                         "n_decoder_layer decoder blocks) | bert (bidirectional post-norm encoder: masked-LM "
+                         "pretraining, classification head)")
     vocab_size: int = _f(50304, "vocabulary size (embedding rows); 0 = the tokenizer's size rounded up to a multiple of 64")
     block_size: int = _f(1024, "context length: number of positions the model can attend over")
     n_layer: int = _f(12, "number of transformer blocks")
@@ -57,20 +60,45 @@ class ModelConfig:
     norm: str = _f("layernorm", "normalisation: layernorm | rmsnorm")
     norm_eps: float = _f(1e-5, "epsilon of the normalisation layers")
     mlp: str = _f("gelu", "MLP type: gelu (GPT-2, tanh approximation) | swiglu (Llama)")
-    pos: str = _f("learned", "positions: learned (GPT-2 table) | rope (rotary, Llama)")
+    pos: str = _f("learned", "positions: learned (GPT-2 table) | rope (rotary, Llama) | "
+                           "sinusoidal (fixed sin/cos table, Marian layout; seq2seq only)")
     rope_theta: float = _f(10000.0, "rotary base frequency (pos=rope only)")
     bias: bool = _f(True, "biases in linear layers and layernorms (GPT-2: true, Llama: false)")
     tie_embeddings: bool = _f(True, "share the token embedding and output projection weights")
     dropout: float = _f(0.0, "dropout probability on embeddings, attention and residual branches")
+    n_decoder_layer: int = _f(0, "seq2seq: decoder blocks (n_layer is the encoder's); 0 = n_layer")
+    norm_placement: str = _f("pre", "seq2seq: pre (norm before each sub-layer, final norm; GPT-2) | post (norm after "
+                                    "each residual add; original Transformer, Marian/BART)")
+    src_vocab_size: int = _f(0, "seq2seq: source vocabulary size for separate source/target vocabularies "
+                                "(own source embedding); 0 = one vocabulary and embedding shared by both")
+    type_vocab_size: int = _f(2, "bert: token-type (segment) embedding rows")
+    n_labels: int = _f(0, "bert: classes of the classification head; 0 = masked-LM model (no classifier)")
 
     def __post_init__(self) -> None:
         s = "model"
-        _choice(s, "kind", self.kind, ("gpt",))
+        _choice(s, "kind", self.kind, ("gpt", "lstm", "ngram", "seq2seq", "bert"))
         _choice(s, "norm", self.norm, ("layernorm", "rmsnorm"))
         _choice(s, "mlp", self.mlp, ("gelu", "swiglu"))
-        _choice(s, "pos", self.pos, ("learned", "rope"))
+        _choice(s, "pos", self.pos, ("learned", "rope", "sinusoidal"))
+        _choice(s, "norm_placement", self.norm_placement, ("pre", "post"))
+        _positive(s, self, "n_decoder_layer", "src_vocab_size", allow_zero=True)
+        if self.pos == "sinusoidal" and self.kind != "seq2seq":
+            raise ConfigError("model.pos=sinusoidal is only implemented for model.kind=seq2seq; use learned or rope")
+        if self.norm_placement == "post" and self.kind != "seq2seq":
+            raise ConfigError("model.norm_placement=post is only implemented for model.kind=seq2seq; use pre")
         _positive(s, self, "block_size", "n_layer", "n_head", "n_embd", "norm_eps", "rope_theta")
         _positive(s, self, "vocab_size", "n_kv_head", "mlp_hidden", allow_zero=True)
+        if self.kind in ("lstm", "ngram"):
+            if not 0.0 <= self.dropout < 1.0:
+                raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+            return  # heads, positions and norms are attention settings
+        if self.kind == "bert":
+            _positive(s, self, "type_vocab_size")
+            if self.pos != "learned" or self.mlp != "gelu":
+                raise ConfigError(f"model.kind=bert uses learned positions and the GELU MLP; set model.pos=learned "
+                                  f"and model.mlp=gelu (got pos={self.pos}, mlp={self.mlp})")
+            if self.n_labels == 1 or self.n_labels < 0:
+                raise ConfigError(f"model.n_labels={self.n_labels}: use 0 for a masked-LM model or >= 2 classes")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:
@@ -95,6 +123,80 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return -(-int(8 * self.n_embd / 3) // 256) * 256
         return 4 * self.n_embd
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts: which blocks get an MoE layer instead of the MLP, and how tokens are routed."""
+
+    experts: int = _f(0, "experts per MoE layer; 0 = dense model (no MoE)")
+    every: int = _f(2, "MoE in every N-th block (blocks N-1, 2N-1, ...; 1 = every block)")
+    expert_width: int = _f(0, "hidden width of each expert; 0 = the dense MLP's hidden width")
+    router: str = _f("expert_choice_causal", "expert_choice (paper; NOT causal) | expert_choice_causal | token_choice")
+    capacity: float = _f(2.0, "expert choice: c, each expert takes ceil(c*n/E) of the n tokens in its group; "
+                              "token choice: capacity factor, ceil(c*n*top_k/E) slots per expert (unless dropless)")
+    group: str = _f("sequence", "expert choice: the pool each expert picks its top-k from: sequence | batch")
+    max_experts_per_token: int = _f(0, "expert choice: keep at most this many (highest-scoring) experts per token; 0 = no cap")
+    causal_mode: str = _f("threshold", "expert_choice_causal: the rule used at evaluation and generation: "
+                                       "threshold (running top-k cut-off per expert) | predictor (learned classifier)")
+    train_causal: bool = _f(False, "expert choice: route with the causal rule during training too (default: true top-k "
+                                   "as the teacher while the thresholds/predictor learn it)")
+    threshold_momentum: float = _f(0.99, "expert choice: EMA momentum of each expert's top-k cut-off score")
+    predictor_loss_weight: float = _f(1.0, "expert_choice_causal: weight of the predictor's BCE loss (it only "
+                                           "trains the predictor: its input is detached)")
+    top_k: int = _f(2, "token choice: experts per token (1 = Switch, 2 = GShard/Mixtral)")
+    renormalize: bool = _f(True, "token choice: rescale the top-k gates to sum to 1 (Mixtral)")
+    dropless: bool = _f(False, "token choice: never drop a token (no capacity limit); evaluation is always dropless")
+    balance_loss_weight: float = _f(0.01, "token choice: alpha of the Switch load-balancing loss alpha*E*sum f_i P_i")
+    z_loss_weight: float = _f(0.001, "router z-loss weight (ST-MoE: mean logsumexp(router logits)^2); 0 = off")
+    shared_expert: bool = _f(False, "add an always-on expert of expert_width to every MoE layer")
+    allow_noncausal_training: bool = _f(False, "allow router=expert_choice in a decoder, whose top-k lets later "
+                                               "tokens decide earlier tokens' routing (it can learn to read the future)")
+
+    def __post_init__(self) -> None:
+        s = "moe"
+        _choice(s, "router", self.router, ("expert_choice", "expert_choice_causal", "token_choice"))
+        _choice(s, "group", self.group, ("sequence", "batch"))
+        _choice(s, "causal_mode", self.causal_mode, ("threshold", "predictor"))
+        _positive(s, self, "every", "capacity", "top_k")
+        _positive(s, self, "experts", "expert_width", "max_experts_per_token", "predictor_loss_weight",
+                  "balance_loss_weight", "z_loss_weight", allow_zero=True)
+        if self.experts == 1:
+            raise ConfigError("moe.experts=1 is not a mixture; use 0 (dense) or at least 2")
+        if self.experts and self.top_k > self.experts:
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.experts={self.experts}")
+        if self.experts and self.max_experts_per_token > self.experts:
+            raise ConfigError(f"moe.max_experts_per_token={self.max_experts_per_token} exceeds moe.experts={self.experts}")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ConfigError(f"moe.threshold_momentum={self.threshold_momentum} must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass
+class NGramConfig:
+    """Counted n-gram models (model.kind=ngram): order, smoothing and vocabulary."""
+
+    order: int = _f(3, "n: the model conditions on the n-1 tokens before (1..6)")
+    smoothing: str = _f("kneser_ney", "kneser_ney (interpolated modified, Chen & Goodman) | mle | add_k")
+    k: float = _f(1.0, "add_k only: the pseudo-count added to every token")
+    prune_singletons: bool = _f(False, "drop n-grams seen once at orders >= 3 (backoff weights renormalised)")
+    discount_fallback: bool = _f(False, "tiny text: KenLM's discounts 0.5 / 1 / 1.5 where count-of-counts give none")
+    tokenizer: str = _f("data", "data: the prepared shards' token ids (documents end at <|endoftext|>) | "
+                                "words: whitespace words of the source files, one sentence per line (KenLM style)")
+    min_count: int = _f(1, "words only: rarer words become <unk>")
+    max_vocab: int = _f(0, "words only: keep the most frequent words; 0 = all")
+
+    def __post_init__(self) -> None:
+        s = "ngram"
+        _choice(s, "smoothing", self.smoothing, ("kneser_ney", "mle", "add_k"))
+        _choice(s, "tokenizer", self.tokenizer, ("data", "words"))
+        if not 1 <= self.order <= 6:
+            raise ConfigError(f"ngram.order={self.order} must be in 1..6")
+        _positive(s, self, "k", "min_count")
+        _positive(s, self, "max_vocab", allow_zero=True)
 
 
 @dataclass
@@ -169,12 +271,14 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole run: model, data, optim and train sections."""
+    """A whole run: model, data, optim, train, moe and ngram sections."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    ngram: NGramConfig = field(default_factory=NGramConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,7 +307,8 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+                             "moe": MoEConfig, "ngram": NGramConfig}
 
 
 def _unknown_message(source: str, key: str, valid, what: str) -> str:

@@ -20,6 +20,11 @@ Special tokens, always ids 0, 1, 2: `<|endoftext|>` (end of document; `eot_id`),
 `<|mask|>`. No unknown token is needed: both kinds can spell any byte. Like GPT-2, the literal text
 `<|endoftext|>` inside a string encodes to the special id (so it round-trips, but as one token).
 
+Tokenizers from elsewhere (a Hugging Face GPT-2 or Llama folder, via `choicelm convert from-hf`)
+keep their own special tokens: `load` reads them from tokenizer_config.json (eos_token, bos_token,
+pad_token, mask_token), so an imported GPT-2 tokenizer has `eos_id` 50256 and `pad_id` None. The
+roles are `tok.special_tokens`; generation reads `eos_id`, and `pad_id_or_eos` when it must pad.
+
 The saved folder loads in transformers: `PreTrainedTokenizerFast.from_pretrained(folder)` or
 `PreTrainedTokenizerFast(tokenizer_file=folder/"tokenizer.json")` give the same ids.
 (Not `GPT2TokenizerFast(vocab_file=..., merges_file=...)`: in transformers 5.x it encodes to [].)
@@ -175,13 +180,25 @@ def split_text(text: str, target_chars: int = CHUNK_CHARS) -> list[str]:
 class Tokenizer:
     """A choicelm tokenizer: a Hugging Face `tokenizers.Tokenizer` plus its kind and special ids."""
 
-    def __init__(self, hf: HFTokenizer, kind: str | None = None):
+    def __init__(self, hf: HFTokenizer, kind: str | None = None, special_tokens: dict[str, str | None] | None = None):
+        """special_tokens: role (eos, bos, pad, mask) -> token text, or None for no such token. Roles not
+        given default to choicelm's own tokens where the vocabulary has them (eos = bos = <|endoftext|>)."""
         self.hf = hf
         self._kind = kind or _infer_kind(hf)
         self.train_stats: TextStats | None = None  # set by train(): files read and skipped
-        self._eot_id = hf.token_to_id(EOT)
-        if self._eot_id is None:
-            raise ChoicelmError(f"this tokenizer has no {EOT} token; train one with `choicelm tokenizer train`")
+        roles = {role: token for role, token in _DEFAULT_ROLES.items() if hf.token_to_id(token) is not None}
+        for role, token in (special_tokens or {}).items():
+            if role not in _DEFAULT_ROLES:
+                raise ChoicelmError(f"unknown special-token role {role!r}; choose from {', '.join(_DEFAULT_ROLES)}")
+            if token is not None and hf.token_to_id(token) is None:
+                raise ChoicelmError(f"the {role} token {token!r} is not in the vocabulary; fix {role}_token in "
+                                    f"tokenizer_config.json")
+            roles[role] = token
+        self.special_tokens: dict[str, str] = {role: t for role, t in roles.items() if t is not None}
+        if "eos" not in self.special_tokens:
+            raise ChoicelmError(f"this tokenizer has no end-of-text token ({EOT}, or eos_token in "
+                                f"tokenizer_config.json); train one with `choicelm tokenizer train`")
+        self._eot_id = self._id("eos")
 
     # --- training
 
@@ -216,10 +233,10 @@ class Tokenizer:
         _write_atomic(out / "tokenizer.json", self.hf.to_str(pretty=True))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": EOT,
-            "bos_token": EOT,  # GPT-2's convention; encode() never inserts it
-            "pad_token": self._token(self.pad_id),
-            "mask_token": self._token(self.mask_id),
+            "eos_token": self.special_tokens["eos"],
+            "bos_token": self.special_tokens.get("bos"),  # GPT-2's convention: <|endoftext|>; encode() never inserts it
+            "pad_token": self.special_tokens.get("pad"),
+            "mask_token": self.special_tokens.get("mask"),
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # keep decode lossless in transformers too
@@ -231,7 +248,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a folder written by `save` (or a bare tokenizer.json)."""
+        """Load a folder written by `save` (or a bare tokenizer.json). The special tokens named in the
+        folder's tokenizer_config.json / special_tokens_map.json (Hugging Face's files) are used."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -241,7 +259,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ChoicelmError(f"{file} is not a valid tokenizer.json ({str(e)[:200]}); "
                                 f"re-create it with `choicelm tokenizer train`") from None
-        return cls(hf)
+        return cls(hf, special_tokens=read_special_tokens(path) if path.is_dir() else None)
 
     # --- encoding
 
@@ -283,15 +301,32 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
+        """End of text: what ends a document and stops generation (= eos_id)."""
         return self._eot_id
 
     @property
+    def eos_id(self) -> int:
+        return self._eot_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id("bos")
+
+    @property
     def pad_id(self) -> int | None:
-        return self.hf.token_to_id(PAD)
+        """None when the tokenizer has no padding token (GPT-2)."""
+        return self._id("pad")
+
+    @property
+    def pad_id_or_eos(self) -> int:
+        """The id to fill padded positions with: pad_id, or eos_id when there is none (HF's convention;
+        padded positions are masked out, so the value only has to be a valid id)."""
+        pad = self.pad_id
+        return self._eot_id if pad is None else pad
 
     @property
     def mask_id(self) -> int | None:
-        return self.hf.token_to_id(MASK)
+        return self._id("mask")
 
     def sha256(self) -> str:
         """Hash of the canonical tokenizer.json (sorted keys, no spaces): equal across save/load."""
@@ -315,8 +350,31 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
-    def _token(self, i: int | None) -> str | None:
-        return None if i is None else self.hf.id_to_token(i)
+    def _id(self, role: str) -> int | None:
+        token = self.special_tokens.get(role)
+        return None if token is None else self.hf.token_to_id(token)
+
+
+_DEFAULT_ROLES = {"eos": EOT, "bos": EOT, "pad": PAD, "mask": MASK}
+
+
+def read_special_tokens(folder: Path) -> dict[str, str | None]:
+    """Roles named in Hugging Face's tokenizer_config.json and special_tokens_map.json (the latter wins,
+    as in transformers). A value is a string or an AddedToken dict {"content": ...}; null = none."""
+    roles: dict[str, str | None] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ChoicelmError(f"{file} is not valid JSON ({e}); fix or delete it") from None
+        for role in _DEFAULT_ROLES:
+            if f"{role}_token" in config:
+                value = config[f"{role}_token"]
+                roles[role] = value.get("content") if isinstance(value, dict) else value
+    return roles
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")

@@ -210,6 +210,29 @@ class LMBatchSampler:
         self.step = seen // self.global_batch_size
 
 
+class StreamBatchSampler(LMBatchSampler):
+    """Batches for recurrent models trained with truncated back-propagation through time.
+
+    The global batch is G parallel streams over the training windows: stream r reads windows
+    r*L, r*L+1, ... (L = n_windows // G), so row r of step s+1 is the text right after row r of
+    step s, and the model's state carries over from one step to the next. Every rank and
+    micro-batch slot keeps the same streams at every step. After L steps the streams start over.
+    Windows are consecutive within a shard; across shard ends the text jumps, as it does between
+    documents. Same interface, resume and world-size independence as LMBatchSampler.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.n_windows < self.global_batch_size:
+            raise ChoicelmError(f"{self.n_windows} windows of block_size={self.block_size} cannot fill "
+                                f"{self.global_batch_size} parallel streams; lower the batch size or block_size")
+        self.stream_len = self.n_windows // self.global_batch_size
+
+    def window_of(self, g: int) -> int:
+        step, stream = divmod(g, self.global_batch_size)
+        return stream * self.stream_len + step % self.stream_len
+
+
 def eval_batches(dataset: TokenDataset, block_size: int, micro_batch_size: int, max_batches: int | None,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first windows of `dataset` in order, as (x_BT, y_BT) micro-batches: the same every call.

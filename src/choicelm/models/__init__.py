@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
+from .bert import BERT
 from .gpt import GPT
 from .layers import KVCache, ModelOutput
+from .lstm import LSTMLM
+from .seq2seq import Seq2Seq
 
-__all__ = ["GPT", "KVCache", "ModelOutput", "build_model"]
+__all__ = ["BERT", "GPT", "LSTMLM", "Seq2Seq", "KVCache", "ModelOutput", "build_model"]
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """A freshly initialised model for `config` (initialisation follows torch's global seed)."""
+def build_model(config: ModelConfig, moe: MoEConfig | None = None) -> nn.Module:
+    """A freshly initialised model for `config` (initialisation follows torch's global seed); `moe`
+    (the run's moe section) turns MLPs into Mixture-of-Experts layers when moe.experts > 0."""
     if config.kind == "gpt":
-        return GPT(config)
-    raise ChoicelmError(f"model.kind={config.kind!r} is not a known model family; choose gpt")
+        return GPT(config, moe)
+    if config.kind == "lstm":
+        if moe is not None and moe.experts:
+            raise ChoicelmError("model.kind=lstm has no MLP to turn into experts; set --moe.experts=0")
+        return LSTMLM(config)
+    if config.kind == "seq2seq":
+        if moe is not None and moe.experts:
+            raise ChoicelmError("model.kind=seq2seq has no Mixture-of-Experts layers yet; set --moe.experts=0")
+        return Seq2Seq(config)
+    if config.kind == "bert":
+        if moe is not None and moe.experts:
+            raise ChoicelmError("model.kind=bert has no Mixture-of-Experts layers yet; set --moe.experts=0")
+        return BERT(config)
+    raise ChoicelmError(f"model.kind={config.kind!r} is not a known model family; choose gpt, bert, lstm or seq2seq")

@@ -28,16 +28,18 @@ The rotary tables are non-persistent buffers: they are not in the state dict.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, linear_cross_entropy, make_mlp,
                      make_norm, rope_cos_sin)
+from .moe import CAUSAL_RULES, RULES, MoE
 
 
 class Block(nn.Module):
@@ -50,23 +52,60 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = make_mlp(config)
 
-    def forward(self, x_BTD, *, rope=None, kv=None, start_pos=0):
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), rope=rope, kv=kv, start_pos=start_pos)
+    def forward(self, x_BTD, *, rope=None, kv=None, start_pos=0, attn_mask=None):
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), rope=rope, kv=kv, start_pos=start_pos, attn_mask=attn_mask)
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
         return x_BTD
 
 
-class GPT(nn.Module):
-    """Decoder-only LM. forward(idx_BT, targets_BT) -> ModelOutput(logits, loss, aux_loss, stats)."""
+class MoEBlock(Block):
+    """A block whose MLP is a Mixture-of-Experts layer (self.mlp is the MoE). forward also takes the routing
+    rule and the padding mask, and puts the layer's MoEOutput (aux loss, stats) into `outputs[layer]`."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, moe: MoEConfig, layer: int):
+        super().__init__(config)
+        self.mlp = MoE(config, moe)
+        self.layer = layer
+
+    def forward(self, x_BTD, *, valid_BT=None, rule=None, record=False, outputs=None, **attn_kwargs):
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), **attn_kwargs)
+        out = self.mlp(self.ln_2(x_BTD), valid_BT=valid_BT, rule=rule, record=record)
+        if outputs is not None:
+            outputs[self.layer] = out
+        return x_BTD + out.y_BTD
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. forward(idx_BT, targets_BT) -> ModelOutput(logits, loss, aux_loss, stats).
+
+    With moe (a MoEConfig with experts > 0), every moe.every-th block's MLP is an MoE layer. `routing`
+    picks the rule those layers use (None = the router's default: its training rule in train mode,
+    its causal rule in eval mode); set it with set_routing(). Decoding with a KV cache needs a causal rule.
+    """
+
+    def __init__(self, config: ModelConfig, moe: MoEConfig | None = None):
         super().__init__()
         self.config = config
+        self.moe_config = moe if moe is not None and moe.enabled else None
+        self.routing: str | None = None
+        self.record_routing = False  # True: stats["moe"][layer]["assignment"] holds each token's experts [B, T, E]
+        moe_layers = [i for i in range(config.n_layer) if self.moe_config and (i + 1) % moe.every == 0]
+        if self.moe_config:
+            if not moe_layers:
+                raise ChoicelmError(f"moe.every={moe.every} exceeds model.n_layer={config.n_layer}: no block would "
+                                    "get an MoE layer; lower moe.every or set moe.experts=0 for a dense model")
+            if moe.router == "expert_choice" and not moe.allow_noncausal_training:
+                raise ChoicelmError("moe.router=expert_choice is not causal: each expert's top-k over the sequence "
+                                    "lets later tokens decide how earlier tokens are routed, so a decoder can learn to "
+                                    "read the future. Use moe.router=expert_choice_causal, or set "
+                                    "moe.allow_noncausal_training=true to train it anyway (evaluation and generation "
+                                    "then route with its causal thresholds)")
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos == "learned" else {}),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([MoEBlock(config, moe, i) if i in moe_layers else Block(config)
+                             for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -95,12 +134,15 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
+            elif isinstance(module, MoE):  # stacked expert weights are plain Parameters
+                module.reset_parameters(0.02, residual_std)
 
     # ------------------------------------------------------------------------- forward
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, start_pos: int = 0, loss_reduction: str = "mean",
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, attention_mask_BS: torch.Tensor | None = None,
+                position_ids_BT: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """idx_BT: token ids at positions start_pos..start_pos+T-1.
 
         targets_BT:     next-token ids, already shifted (targets[:, t] is the token after idx[:, t]);
@@ -109,6 +151,12 @@ class GPT(nn.Module):
                         attention runs over positions 0..start_pos+T-1.
         return_logits:  False skips the [B, T, V] logits; with targets, the loss is then computed in
                         row chunks (linear_cross_entropy), which is faster and holds no full logits.
+        attention_mask_BS: bool/int [B, start_pos+T] over every position so far, 1 = real token, 0 = padding
+                        (left padding in batched generation); padding is never attended to.
+        position_ids_BT: the positions of the new tokens per row (default start_pos..end-1); a left-padded
+                        row counts from 0 at its first real token, as Hugging Face does.
+        logits_to_keep: > 0 computes logits for the last logits_to_keep positions only (a prefill needs
+                        one row of [V], not T of them).
         """
         B, T = idx_BT.shape
         end = start_pos + T
@@ -122,24 +170,90 @@ class GPT(nn.Module):
         x_BTD = self.transformer.wte(idx_BT)
         rope = None
         if self.config.pos == "learned":
-            pos_T = torch.arange(start_pos, end, dtype=torch.long, device=idx_BT.device)
-            x_BTD = x_BTD + self.transformer.wpe(pos_T)
+            pos = position_ids_BT if position_ids_BT is not None else \
+                torch.arange(start_pos, end, dtype=torch.long, device=idx_BT.device)
+            x_BTD = x_BTD + self.transformer.wpe(pos)
+        elif position_ids_BT is not None:  # per-row tables [B, 1, T, Q] broadcast over heads
+            rope = (self.rope_cos[position_ids_BT][:, None], self.rope_sin[position_ids_BT][:, None])
         else:
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
         x_BTD = self.transformer.drop(x_BTD)
+        attn_mask = None
+        if attention_mask_BS is not None:
+            # causal & not padding; each query also keeps its own key, so a padding row is never all-masked
+            # (its NaN would reach real rows through the cache as 0 * NaN)
+            q_T1 = torch.arange(start_pos, end, device=idx_BT.device)[:, None]
+            k_1S = torch.arange(end, device=idx_BT.device)[None, :]
+            attn_mask = ((k_1S <= q_T1) & attention_mask_BS.to(torch.bool)[:, None, :]) | (k_1S == q_T1)
+            attn_mask = attn_mask[:, None]  # [B, 1, T, S]
+        moe_outs: dict = {}  # layer -> MoEOutput: aux losses and routing stats travel in the output
+        moe_kw = {}
+        if self.moe_config is not None:
+            moe_kw = dict(rule=self._routing_rule(decoding=kv_cache is not None), record=self.record_routing,
+                          outputs=moe_outs, valid_BT=None if attention_mask_BS is None else
+                          attention_mask_BS[:, start_pos:end].to(torch.bool))  # padding is never routed
         for i, block in enumerate(self.transformer.h):
             kv = kv_cache.layer(i) if kv_cache is not None else None
-            x_BTD = block(x_BTD, rope=rope, kv=kv, start_pos=start_pos)
+            x_BTD = block(x_BTD, rope=rope, kv=kv, start_pos=start_pos, attn_mask=attn_mask,
+                          **(moe_kw if isinstance(block, MoEBlock) else {}))
         x_BTD = self.transformer.ln_f(x_BTD)
 
         logits = loss = None
         if return_logits:
-            logits = self.lm_head(x_BTD)
+            logits = self.lm_head(x_BTD[:, -logits_to_keep:] if logits_to_keep else x_BTD)
             if targets_BT is not None:
                 loss = cross_entropy(logits, targets_BT, loss_reduction)
         elif targets_BT is not None:
             loss = linear_cross_entropy(x_BTD.reshape(B * T, -1), self.lm_head.weight, targets_BT, loss_reduction)
-        return ModelOutput(logits=logits, loss=loss)
+        if not moe_outs:
+            return ModelOutput(logits=logits, loss=loss)
+        aux = [o.aux_loss for o in moe_outs.values() if o.aux_loss is not None]
+        rule = self.current_routing()
+        stats = {"routing": rule, "causal": rule in CAUSAL_RULES, "moe": {i: o.stats for i, o in moe_outs.items()}}
+        return ModelOutput(logits=logits, loss=loss, aux_loss=torch.stack(aux).sum() if aux else None, stats=stats)
+
+    # ------------------------------------------------------------------------- MoE routing
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.transformer.h if isinstance(block, MoEBlock)]
+
+    def set_routing(self, rule: str | None) -> None:
+        """The routing rule of every MoE layer (see models/moe.py): topk | threshold | predictor for expert choice,
+        capacity | dropless for token choice; None = the default (training rule in train mode, causal in eval)."""
+        layers = self.moe_layers()
+        if rule is not None:
+            if not layers:
+                raise ChoicelmError(f"routing={rule!r} needs an MoE model; this GPT is dense (moe.experts=0)")
+            if rule not in layers[0].rules:
+                raise ChoicelmError(f"routing={rule!r} is not available for moe.router={self.moe_config.router}; "
+                                    f"choose one of {', '.join(layers[0].rules)} (all rules: {', '.join(RULES)})")
+        self.routing = rule
+
+    @contextlib.contextmanager
+    def routing_as(self, rule: str | None):
+        """with model.routing_as("topk"): ... evaluates with another rule, then restores the previous one."""
+        before = self.routing
+        self.set_routing(rule)
+        try:
+            yield self
+        finally:
+            self.routing = before
+
+    def current_routing(self) -> str | None:
+        """The rule the MoE layers route with in the current mode (None for a dense model)."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        return self.routing or (layers[0].train_rule if self.training else layers[0].eval_rule)
+
+    def _routing_rule(self, decoding: bool) -> str | None:
+        if decoding:
+            layer, rule = self.moe_layers()[0], self.current_routing()
+            if rule not in CAUSAL_RULES:
+                raise ChoicelmError(f"routing {rule!r} is not causal, so it cannot decode token by token with a KV "
+                                    f"cache; use a causal rule ({', '.join(r for r in layer.rules if r in CAUSAL_RULES)}) "
+                                    "via model.set_routing(...), or model.eval() for the default causal rule")
+        return self.routing
 
     # ------------------------------------------------------------------------- utilities
 
@@ -173,10 +287,12 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate:
         6 * N + 12 * n_layer * n_head * head_dim * seq_len, with N = num_params(exclude_embeddings=True)
         (matmul weights incl. lm_head); the second term is the attention scores and weighted sum
-        (2 matmuls x 2 FLOPs x 3 for fwd+bwd over seq_len keys, not halved for causality)."""
+        (2 matmuls x 2 FLOPs x 3 for fwd+bwd over seq_len keys, not halved for causality). MoE layers count
+        only the expert parameters a token uses on average (c or top_k of E experts); the router is ignored."""
         c = self.config
         seq_len = seq_len or c.block_size
-        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+        n_active = self.num_params(exclude_embeddings=True) - sum(m.inactive_params() for m in self.moe_layers())
+        return 6 * n_active + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     @torch.no_grad()
     def crop_block_size(self, block_size: int) -> None:

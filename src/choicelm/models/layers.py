@@ -41,12 +41,14 @@ class ModelOutput:
     aux_loss: scalar auxiliary loss to add to `loss` for training (MoE balancing/z-losses); None for
               dense models.
     stats:    diagnostic values (MoE routing statistics, ...); empty for dense models.
+    state:    recurrent models: the state after the last position, to continue the same streams.
     """
 
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    state: tuple | None = None
 
 
 # ----------------------------------------------------------------------------- norms
@@ -161,7 +163,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x_BTD: the T new positions start_pos..start_pos+T-1.
 
         rope:             (cos_TQ, sin_TQ) of those positions, or None (no rotary positions).
@@ -169,6 +171,8 @@ class SelfAttention(nn.Module):
                           keys/values are written at start_pos.., attention runs over 0..start_pos+T-1.
         key_padding_mask: bool [B, S] over all key positions (S = start_pos + T with a cache, else T);
                           True = attend. A query row with no key left to attend gives NaN.
+        attn_mask:        bool [B, 1, T, S], True = attend: the whole mask (causality included), used as
+                          given instead of the two above (left-padded generation builds it once per step).
         """
         B, T, _ = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(self.split_sizes, dim=-1)
@@ -194,7 +198,9 @@ class SelfAttention(nn.Module):
         is_causal = self.causal and T > 1 and S == T
         if self.causal and T > 1 and S != T:
             mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
-        if key_padding_mask is not None:
+        if attn_mask is not None:
+            mask, is_causal = attn_mask, False
+        elif key_padding_mask is not None:
             pad_B11S = key_padding_mask.to(torch.bool)[:, None, None, :]
             if is_causal:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril()

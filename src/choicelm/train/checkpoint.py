@@ -1,7 +1,7 @@
 """Checkpoints that are either complete or absent.
 
 Layout of RUN/step-00001000/:
-    model.safetensors   weights (tied tensors stored once)
+    model.safetensors   weights (tied tensors stored once); an n-gram run has ngram.npz + ngram.json instead
     optimizer.pt        AdamW state
     trainer.pt          step, tokens, schedule position, data position, RNG states, counters
     config.yaml         the resolved run config
@@ -75,16 +75,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict, config_yaml: str, tokenizer_dir: Path | None,
                     val_loss: float | None) -> Path:
-    """Write RUN/step-XXXXXXXX atomically and return its path."""
+    """Write RUN/step-XXXXXXXX atomically and return its path. `model` is an nn.Module (model.safetensors)
+    or a counted model with .save(dir) (the n-gram's ngram.npz + ngram.json)."""
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".tmp-{step_dir_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if isinstance(model, torch.nn.Module):
+        save_model(model, str(tmp / "model.safetensors"))
+    else:  # a counted model (n-gram) writes its own tables
+        model.save(tmp)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer.pt")

@@ -24,13 +24,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config
-from ..data.loader import LMBatchSampler, TokenDataset, eval_batches
+from ..data.loader import LMBatchSampler, StreamBatchSampler, TokenDataset, eval_batches
 from ..errors import ChoicelmError
 from ..models import build_model
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from .metrics import MetricsLog, measure_peak_flops, peak_memory_mb
-from .objectives import OBJECTIVES, summed_loss
+from .objectives import OBJECTIVES, MaskedLM, TruncatedBPTT, summed_loss
 from .optim import build_optimizer, lr_at, set_lr
 from .runtime import autocast, keep_freed_memory, pick_device, use_bf16
 
@@ -46,7 +46,11 @@ class NonFiniteLossError(ChoicelmError):
 def pretrain(cfg: Config, out_dir: str | Path, resume: str | None = None, overwrite: bool = False,
              objective: str = "causal_lm") -> Path:
     """Train `cfg.model` on the shards in `cfg.data.path`, writing the run to `out_dir`.
-    Returns the path of the final checkpoint."""
+    Returns the path of the final checkpoint. An n-gram model is counted instead (train/counting.py)."""
+    if cfg.model.kind == "ngram":
+        from .counting import count_ngram
+
+        return count_ngram(cfg, Path(out_dir), resume, overwrite)
     if cfg.train.tune_allocator:
         keep_freed_memory()
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -111,18 +115,26 @@ class Trainer:
             self._check_resume_config(resume_from, manifest)
 
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model).to(device)
+        self.model = build_model(cfg.model, cfg.moe).to(device)
         self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
         self.bf16 = use_bf16(t.precision, device)
 
         ws = dist_info.world_size
         global_batch = t.global_batch_size or t.micro_batch_size * ws
-        self.sampler = LMBatchSampler(self.train_data, cfg.model.block_size, t.micro_batch_size, global_batch,
-                                      t.seed, dist_info.rank, ws)
+        recurrent = cfg.model.kind == "lstm"  # trained on parallel text streams, its state carried across steps
+        sampler_cls = StreamBatchSampler if recurrent else LMBatchSampler
+        self.sampler = sampler_cls(self.train_data, cfg.model.block_size, t.micro_batch_size, global_batch,
+                                   t.seed, dist_info.rank, ws)
+        if recurrent and objective == "causal_lm":
+            self.objective = TruncatedBPTT(self.sampler.micro_steps)
+        if cfg.model.kind == "bert" and objective == "causal_lm":  # an encoder pretrains by masked LM
+            self.objective = MaskedLM.for_data(self.data_dir, t.seed)
         self.tokens_per_step = self.sampler.tokens_per_step
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.moe_stats, self.moe_aux = None, 0.0  # MoE routing stats of the last micro-batch, aux loss of the window
+        self.moe_topk_eval = cfg.moe.enabled and cfg.moe.router != "token_choice"  # also log teacher-forced top-k loss
         self.nonfinite_total, self.nonfinite_streak = 0, 0
         self.best_val = math.inf
         if resume_from is not None:
@@ -138,8 +150,11 @@ class Trainer:
     # --- resume -------------------------------------------------------------------------------
     def _check_resume_config(self, path: Path, manifest: dict) -> None:
         saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        saved_model = saved.get("model", {})
-        ours = self.cfg.to_dict()["model"]
+        # Keys a checkpoint predates (sections or fields added since) had their default values then.
+        defaults = Config().to_dict()
+        saved_model = {**defaults["model"], **saved.get("model", {}),
+                       **{f"moe.{k}": v for k, v in {**defaults["moe"], **(saved.get("moe") or {})}.items()}}
+        ours = {**self.cfg.to_dict()["model"], **{f"moe.{k}": v for k, v in self.cfg.to_dict()["moe"].items()}}
         diff = [k for k in ours if saved_model.get(k) != ours[k]]
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved_model.get(k)!r} vs now {ours[k]!r}" for k in diff)
@@ -158,6 +173,11 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
         self.best_val = state["best_val"]
         self.sampler.load_state_dict(state["sampler"])
+        if hasattr(self.objective, "load_state_dict"):  # a recurrent model's carried state, one per rank
+            if state["world_size"] != self.dist.world_size:
+                raise ChoicelmError(f"cannot resume {path}: a recurrent model's streams were split over "
+                                    f"{state['world_size']} processes; resume with the same number")
+            self.objective.load_state_dict(state["objective"][self.dist.rank], self.device)
         ckpt.set_rng_state(state["rng"])
 
     def _trainer_state(self) -> dict:
@@ -165,13 +185,16 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                 "best_val": self.best_val, "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(),
                 "tokenizer_sha256": self.train_data.manifest["tokenizer"]["sha256"],
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "objective": self._objective_states}
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step. Returns (mean loss over valid tokens, grad norm, seconds waiting for data)."""
         t0 = time.perf_counter()
         micro_batches = [tuple(t.to(self.device, non_blocking=True) for t in b) for b in self.sampler.next_step()]
+        if hasattr(self.objective, "prepare"):  # MLM masking, seeded by (step, micro-batch) for an exact resume
+            first = self.dist.rank * len(micro_batches)
+            micro_batches = [self.objective.prepare(b, (self.step, first + i)) for i, b in enumerate(micro_batches)]
         data_wait = time.perf_counter() - t0
         local_valid = sum(int((y != -100).sum()) for _, y in micro_batches)
         (n_valid,) = all_reduce_sum([local_valid], self.dist, self.device)
@@ -187,6 +210,8 @@ class Trainer:
                     loss = batch_loss * scale
                     if getattr(out, "aux_loss", None) is not None:
                         loss = loss + out.aux_loss / len(micro_batches)
+                        self.moe_aux += float(out.aux_loss.detach()) / len(micro_batches)
+                    self.moe_stats = getattr(out, "stats", None) or self.moe_stats  # the last micro-batch's
                 loss.backward()
             loss_sum += batch_loss.detach().double()
         (total,) = all_reduce_sum([loss_sum.item()], self.dist, self.device)
@@ -205,13 +230,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm, data_wait
 
-    def evaluate(self) -> float:
-        """Mean loss per valid token over the first eval_batches validation micro-batches (all ranks)."""
+    def evaluate(self, routing: str | None = None) -> float:
+        """Mean loss per valid token over the first eval_batches validation micro-batches (all ranks), with the
+        MoE routing rule the model uses in eval mode (the causal one generation uses) unless `routing` says."""
         t = self.cfg.train
         batches = eval_batches(self.val_data, self.cfg.model.block_size, t.micro_batch_size, t.eval_batches,
                                self.dist.rank, self.dist.world_size)
         self.model.eval()
-        loss_sum, count = summed_loss(self.objective, self.model, batches, self.device, self.bf16)
+        with self.model.routing_as(routing) if routing else contextlib.nullcontext():
+            loss_sum, count = summed_loss(self.objective, self.model, batches, self.device, self.bf16)
         self.model.train()
         loss_sum, count = all_reduce_sum([loss_sum, count], self.dist, self.device)
         return loss_sum / max(count, 1)
@@ -224,6 +251,8 @@ class Trainer:
 
     def _save(self, val_loss: float | None) -> Path | None:
         path = None
+        has_state = hasattr(self.objective, "state_dict")
+        self._objective_states = gather_objects(self.objective.state_dict(), self.dist) if has_state else None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self._trainer_state(),
                                         yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
@@ -268,8 +297,11 @@ class Trainer:
 
             val_loss = None
             final = self._should_stop()
+            val_loss_topk = None
             if self.val_data is not None and (self.step % t.eval_every == 0 or final):
                 val_loss = self.evaluate()
+                if self.moe_topk_eval:  # the gap to the causal rule's val_loss is what causality costs
+                    val_loss_topk = self.evaluate("topk")
                 last_evaluated = self.step
                 self.best_val = min(self.best_val, val_loss)
             if main and (self.step % t.log_every == 0 or val_loss is not None or final):
@@ -283,7 +315,8 @@ class Trainer:
                     "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
                     "mfu": flops_per_s / (peak * self.dist.world_size), "peak_mem_mb": peak_memory_mb(self.device),
                     "data_wait": window["data"] / max(window["time"], 1e-9),
-                    "nonfinite_skipped": self.nonfinite_total, "elapsed_s": self.elapsed})
+                    "nonfinite_skipped": self.nonfinite_total, "elapsed_s": self.elapsed,
+                    **self._moe_metrics(val_loss_topk, window["steps"])})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 window = {k: 0.0 if k != "steps" else 0 for k in window}
@@ -303,6 +336,18 @@ class Trainer:
             log.close()
             self._write_summary()
         return self.out_dir / ckpt.step_dir_name(self.step)
+
+    def _moe_metrics(self, val_loss_topk: float | None, steps: int) -> dict:
+        """moe_* columns: routing stats of the last micro-batch (train mode: the training rule) and the mean aux loss."""
+        if not self.cfg.moe.enabled or self.moe_stats is None:
+            return {}
+        from ..models.moe import summarize_stats
+
+        row = summarize_stats(self.moe_stats)
+        row["moe_aux_loss"] = self.moe_aux / max(steps, 1)
+        row["moe_val_loss_topk"] = val_loss_topk
+        self.moe_aux = 0.0
+        return row
 
     def _write_summary(self) -> None:
         summary = {"step": self.step, "tokens": self.tokens, "elapsed_s": round(self.elapsed, 3),

@@ -2,7 +2,7 @@
 
 Columns of RUN/metrics.csv (empty where a row has no value, e.g. val_loss off evaluation steps):
     step, tokens, train_loss, val_loss, val_ppl, lr, grad_norm, tokens_per_s, flops_per_s, mfu,
-    peak_mem_mb, data_wait, nonfinite_skipped, elapsed_s
+    peak_mem_mb, data_wait, nonfinite_skipped, elapsed_s, then the moe_* columns (MOE_COLUMNS, MoE runs only)
 `mfu` is achieved FLOP/s over the peak matmul FLOP/s measured on this machine in the training
 precision (cached in ~/.cache/choicelm/peak_flops.json), or over train.peak_flops when given.
 """
@@ -18,8 +18,13 @@ from pathlib import Path
 
 import torch
 
+# MoE runs only (empty otherwise); see models/moe.py summarize_stats. moe_val_loss_topk: validation loss with
+# teacher-forced top-k expert choice (non-causal), next to val_loss, which uses the causal rule generation uses.
+MOE_COLUMNS = ["moe_aux_loss", "moe_load_max", "moe_experts_per_token", "moe_no_expert", "moe_dropped",
+               "moe_router_entropy", "moe_agree_threshold", "moe_recall_threshold", "moe_agree_predictor",
+               "moe_recall_predictor", "moe_val_loss_topk"]
 COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s",
-           "flops_per_s", "mfu", "peak_mem_mb", "data_wait", "nonfinite_skipped", "elapsed_s"]
+           "flops_per_s", "mfu", "peak_mem_mb", "data_wait", "nonfinite_skipped", "elapsed_s", *MOE_COLUMNS]
 
 
 class MetricsLog:
@@ -69,6 +74,8 @@ def _fmt(value):
 
 
 def _tb_name(key: str) -> str:
+    if key.startswith("moe_"):
+        return f"moe/{key[4:]}"
     group = "loss" if "loss" in key or "ppl" in key else "perf" if key in (
         "tokens_per_s", "flops_per_s", "mfu", "peak_mem_mb", "data_wait") else "train"
     return f"{group}/{key}"

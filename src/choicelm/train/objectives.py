@@ -8,6 +8,8 @@ A new objective (MLM, classification, SFT) is one more function here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .runtime import autocast
@@ -21,6 +23,78 @@ def causal_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     return out.loss, n_valid, out
 
 
+class TruncatedBPTT:
+    """Causal LM for recurrent models (truncated back-propagation through time).
+
+    With StreamBatchSampler, micro-batch slot i of every step holds the same text streams, each row
+    continuing where it stopped at the previous step; so slot i starts from the state it reached
+    then. The carried state is detached: gradients flow back through one window. In eval mode
+    (validation, evaluate) every batch starts from zeros and nothing is carried.
+    """
+
+    def __init__(self, micro_steps: int):
+        self.micro_steps = micro_steps
+        self.next_slot = 0
+        self.states: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        if not model.training:
+            return causal_lm(model, batch)
+        x_BT, y_BT = batch
+        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % self.micro_steps
+        out = model(x_BT, y_BT, state=self.states.get(slot), loss_reduction="sum", return_logits=False)
+        self.states[slot] = tuple(s.detach() for s in out.state)
+        return out.loss, int((y_BT != -100).sum()), out
+
+    def state_dict(self) -> dict:
+        return {"next_slot": self.next_slot,
+                "states": {slot: tuple(s.cpu() for s in state) for slot, state in self.states.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.next_slot = state["next_slot"]
+        self.states = {slot: tuple(s.to(device) for s in st) for slot, st in state["states"].items()}
+
+
+class MaskedLM:
+    """Masked-LM (BERT) pretraining on the LM windows: x is masked (data/mlm.py), y is ignored.
+
+    prepare(batch, key) turns a window batch (x_BT, y_BT) into (inputs_BT, targets_BT), targets -100 except
+    at the ~15% selected positions, so the loop's valid-token count is the masked-token count. The loop
+    prepares each training micro-batch with key = (step, micro-batch index over all ranks): the masks
+    depend only on (train.seed, step, micro-batch), never on a global RNG, so a resumed run masks exactly
+    as an uninterrupted one (and one process with accumulation as several). key None (validation,
+    `choicelm evaluate`) seeds each row from its own tokens: the same masks at every evaluation, whatever
+    the batch size or the number of processes.
+    """
+
+    def __init__(self, masker, seed: int):
+        self.masker, self.seed = masker, int(seed)
+
+    @classmethod
+    def for_data(cls, data_dir, seed: int) -> "MaskedLM":
+        """The objective for a prepared data folder: masks with its tokenizer's <|mask|> and special tokens."""
+        from ..data.loader import read_manifest
+        from ..data.mlm import MLMMasker
+        from ..tokenizer import Tokenizer
+
+        manifest = read_manifest(data_dir)
+        return cls(MLMMasker.from_tokenizer(Tokenizer.load(Path(data_dir) / manifest["tokenizer"]["dir"])), seed)
+
+    def prepare(self, batch: tuple[torch.Tensor, torch.Tensor], key: tuple[int, int] | None):
+        from ..data.mlm import content_key, mlm_generator
+
+        x_BT = batch[0]
+        if key is not None:
+            return self.masker(x_BT, generator=mlm_generator(self.seed, 0, *key))
+        rows = [self.masker(x_1T, generator=mlm_generator(self.seed, 1, content_key(x_1T))) for x_1T in x_BT.split(1)]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        x_BT, targets_BT = batch
+        out = model(x_BT, targets_BT, loss_reduction="sum", return_logits=False)
+        return out.loss, int((targets_BT != -100).sum()), out
+
+
 OBJECTIVES = {"causal_lm": causal_lm}
 
 
@@ -29,6 +103,8 @@ def summed_loss(objective, model: torch.nn.Module, batches, device: torch.device
     """(sum of per-token losses, valid tokens) of `objective` over `batches`: for validation and evaluation."""
     loss_sum, count = 0.0, 0
     for batch in batches:
+        if hasattr(objective, "prepare"):  # e.g. MLM masking, seeded by the batch's tokens
+            batch = objective.prepare(batch, None)
         batch = tuple(t.to(device) for t in batch)
         with autocast(device, bf16):
             batch_loss, n, _ = objective(model, batch)
