@@ -476,5 +476,12 @@ def test_pretrain_moe_through_the_loop(prepared, tmp_path, router):
     result = evaluate(run, data, ["ppl"], max_batches=2)  # says which routing produced the number
     expected = "threshold" if router == "expert_choice_causal" else "dropless"
     assert result["routing"] == expected and result["routing_causal"] is True
+    other = "topk" if router == "expert_choice_causal" else "capacity"  # --routing picks another rule
+    from choicelm.cli import main
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--max-batches", "2",
+                 "--routing", other]) == 0
+    assert evaluate(run, data, ["ppl"], max_batches=2, routing=other)["routing_causal"] is False
+    with pytest.raises(ChoicelmError, match="not available"):
+        evaluate(run, data, ["ppl"], max_batches=2, routing="capacity" if other == "topk" else "topk")
     pngs = plot_run(run)
     assert {"moe.png", "routing_map.png"} <= {p.name for p in pngs} and all(p.stat().st_size > 0 for p in pngs)

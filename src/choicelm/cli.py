@@ -60,7 +60,8 @@ def cmd_evaluate(args) -> None:
     from .evaluation import evaluate
 
     result = evaluate(args.checkpoint, args.data, _comma_list(args.metrics), split=args.split,
-                      batch_size=args.batch_size, max_batches=args.max_batches, device=args.device)
+                      batch_size=args.batch_size, max_batches=args.max_batches, device=args.device,
+                      routing=args.routing)
     print(json.dumps(result, indent=1))
 
 
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--routing", default=None, help="MoE models: route with this rule (topk | threshold | predictor | "
+                                                   "capacity | dropless); default: the causal rule generation uses")
     p.set_defaults(func=cmd_evaluate)
 
     p = verbs.add_parser("generate", help="continue a prompt")

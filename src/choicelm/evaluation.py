@@ -89,11 +89,19 @@ def unigram_perplexity(train: TokenDataset, test: TokenDataset) -> float:
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, metrics: list[str], split: str = "val",
-             batch_size: int = 8, max_batches: int | None = None, device: str = "auto") -> dict:
+             batch_size: int = 8, max_batches: int | None = None, device: str = "auto",
+             routing: str | None = None) -> dict:
+    """routing: an MoE model's routing rule for this evaluation (e.g. topk, to compare with the causal
+    default); the result says which rule produced it and whether that rule is causal."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ChoicelmError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(METRICS)}")
     from .api import load
 
     lm = load(checkpoint, device)
-    return perplexity(lm, data_dir, split, batch_size, max_batches)
+    if routing is None:
+        return perplexity(lm, data_dir, split, batch_size, max_batches)
+    if not hasattr(lm.model, "routing_as"):
+        raise ChoicelmError(f"--routing {routing} needs an MoE GPT checkpoint; {checkpoint} is a {lm.config.model.kind}")
+    with lm.model.routing_as(routing):
+        return perplexity(lm, data_dir, split, batch_size, max_batches)
