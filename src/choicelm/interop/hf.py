@@ -439,7 +439,7 @@ def _write_dir(out: Path, fill: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         fill(tmp)
-        ckpt._fsync_tree(tmp)
+        ckpt.fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -450,5 +450,5 @@ def _write_dir(out: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    ckpt._fsync_dir(out.parent)
+    ckpt.fsync_dir(out.parent)
     return out

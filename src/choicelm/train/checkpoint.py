@@ -44,15 +44,15 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,11 +95,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Opti
     (tmp / "config.yaml").write_text(config_yaml)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # an earlier, incomplete attempt at this step (it has no marker)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     marker = final / MARKER
     marker.write_text(json.dumps({"step": step, "val_loss": val_loss}))
     with open(marker, "rb") as f:
