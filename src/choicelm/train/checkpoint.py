@@ -77,9 +77,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict, config_yaml: str, tokenizer_dir: Path | None,
-                    val_loss: float | None) -> Path:
+                    val_loss: float | None, extra_files: dict[str, str] | None = None) -> Path:
     """Write RUN/step-XXXXXXXX atomically and return its path. `model` is an nn.Module (model.safetensors)
-    or a counted model with .save(dir) (the n-gram's ngram.npz + ngram.json)."""
+    or a counted model with .save(dir) (the n-gram's ngram.npz + ngram.json). extra_files: name -> text to
+    write beside them (e.g. labels.json)."""
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".tmp-{step_dir_name(step)}"
     if tmp.exists():
@@ -95,6 +96,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Opti
     (tmp / "config.yaml").write_text(config_yaml)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     fsync_tree(tmp)
     if final.exists():  # an earlier, incomplete attempt at this step (it has no marker)
         shutil.rmtree(final)

@@ -17,7 +17,9 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -56,7 +58,8 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: str | None = None, overwr
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = init_distributed(device.type)
     try:
-        return Trainer(cfg, Path(out_dir), dist_info, device, resume, overwrite, objective).run()
+        return Trainer(cfg, Path(out_dir), dist_info, device, resume, overwrite,
+                       pretraining_inputs(cfg, objective)).run()
     finally:
         shutdown(dist_info)
 
@@ -95,42 +98,76 @@ def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main:
     return None
 
 
+@dataclass
+class RunInputs:
+    """What a run trains on, so pretraining and every fine-tuning task share the Trainer below.
+
+    train, val:        datasets with n_windows(block_size) and batch(indices, block_size) -> tuple of tensors whose
+                       last element is the targets (-100 = ignored): token windows (TokenDataset) or examples
+    build_model:       called once, after seeding with train.seed: the model to train (fresh, or pretrained + head)
+    objective_for:     sampler -> objective (train/objectives.py): batch -> (summed loss, valid count, output)
+    tokenizer_dir:     copied into every checkpoint; tokenizer_sha256 guards a resume against other data
+    extra_files:       name -> text, written into every checkpoint (e.g. the label names of a classifier)
+    """
+
+    train: object
+    val: object | None
+    build_model: Callable[[], torch.nn.Module]
+    objective_for: Callable[[LMBatchSampler], object]
+    tokenizer_dir: Path
+    tokenizer_sha256: str
+    sampler_cls: type = LMBatchSampler
+    extra_files: dict[str, str] = field(default_factory=dict)
+
+
+def pretraining_inputs(cfg: Config, objective: str = "causal_lm") -> RunInputs:
+    """Token windows of `cfg.data.path`: causal LM (truncated BPTT on parallel streams for an LSTM) or masked LM
+    for an encoder."""
+    if not cfg.data.path:
+        raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
+    data_dir = Path(cfg.data.path)
+    train = TokenDataset(data_dir, "train")
+    manifest = train.manifest
+    val = TokenDataset(data_dir, "val") if cfg.train.eval_every and "val" in manifest["splits"] else None
+    resolve_vocab_size(cfg, manifest["vocab_size"])
+    kind = cfg.model.kind
+
+    def objective_for(sampler):
+        if objective == "causal_lm" and kind == "lstm":  # parallel text streams, the state carried across steps
+            return TruncatedBPTT(sampler.micro_steps)
+        if objective == "causal_lm" and kind == "bert":  # an encoder pretrains by masked LM
+            return MaskedLM.for_data(data_dir, cfg.train.seed)
+        return OBJECTIVES[objective]
+
+    return RunInputs(train, val, lambda: build_model(cfg.model, cfg.moe), objective_for,
+                     data_dir / manifest["tokenizer"]["dir"], manifest["tokenizer"]["sha256"],
+                     StreamBatchSampler if kind == "lstm" else LMBatchSampler)
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, dist_info: DistInfo, device: torch.device,
-                 resume: str | None, overwrite: bool, objective: str):
+                 resume: str | None, overwrite: bool, inputs: RunInputs):
         self.cfg, self.out_dir, self.dist, self.device = cfg, out_dir, dist_info, device
-        self.objective = OBJECTIVES[objective]
+        self.inputs = inputs
         t = cfg.train
-        if not cfg.data.path:
-            raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
-        self.data_dir = Path(cfg.data.path)
-        self.train_data = TokenDataset(self.data_dir, "train")
-        manifest = self.train_data.manifest
-        self.val_data = TokenDataset(self.data_dir, "val") if t.eval_every and "val" in manifest["splits"] else None
-        resolve_vocab_size(cfg, manifest["vocab_size"])
+        self.train_data, self.val_data = inputs.train, inputs.val if t.eval_every else None
 
         resume_from = prepare_run_dir(out_dir, resume, overwrite, dist_info.is_main)
         barrier(dist_info)
         if resume_from is not None:
-            self._check_resume_config(resume_from, manifest)
+            self._check_resume_config(resume_from)
 
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model, cfg.moe).to(device)
+        self.model = inputs.build_model().to(device)
         self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
         self.bf16 = use_bf16(t.precision, device)
 
         ws = dist_info.world_size
         global_batch = t.global_batch_size or t.micro_batch_size * ws
-        recurrent = cfg.model.kind == "lstm"  # trained on parallel text streams, its state carried across steps
-        sampler_cls = StreamBatchSampler if recurrent else LMBatchSampler
-        self.sampler = sampler_cls(self.train_data, cfg.model.block_size, t.micro_batch_size, global_batch,
-                                   t.seed, dist_info.rank, ws)
-        if recurrent and objective == "causal_lm":
-            self.objective = TruncatedBPTT(self.sampler.micro_steps)
-        if cfg.model.kind == "bert" and objective == "causal_lm":  # an encoder pretrains by masked LM
-            self.objective = MaskedLM.for_data(self.data_dir, t.seed)
-        self.tokens_per_step = self.sampler.tokens_per_step
+        self.sampler = inputs.sampler_cls(self.train_data, cfg.model.block_size, t.micro_batch_size, global_batch,
+                                          t.seed, dist_info.rank, ws)
+        self.objective = inputs.objective_for(self.sampler)
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.moe_stats, self.moe_aux = None, 0.0  # MoE routing stats of the last micro-batch, aux loss of the window
@@ -145,10 +182,9 @@ class Trainer:
         if t.compile:
             model = torch.compile(model)
         self.train_model = DDP(model) if dist_info.enabled else model
-        self.tokenizer_dir = self.data_dir / manifest["tokenizer"]["dir"]
 
     # --- resume -------------------------------------------------------------------------------
-    def _check_resume_config(self, path: Path, manifest: dict) -> None:
+    def _check_resume_config(self, path: Path) -> None:
         saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
         # Keys a checkpoint predates (sections or fields added since) had their default values then.
         defaults = Config().to_dict()
@@ -161,9 +197,9 @@ class Trainer:
             raise ChoicelmError(f"cannot resume from {path}: the model config differs ({detail}); "
                                 "resume with the original settings or start a new --out")
         state = ckpt.load_trainer_state(path)
-        if state.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
-            raise ChoicelmError(f"cannot resume from {path}: --data {self.data_dir} was encoded with a different "
-                                "tokenizer than the checkpoint was trained on")
+        if state.get("tokenizer_sha256") != self.inputs.tokenizer_sha256:
+            raise ChoicelmError(f"cannot resume from {path}: the data was encoded with a different tokenizer than "
+                                "the checkpoint was trained on")
 
     def _restore(self, path: Path) -> None:
         ckpt.load_weights(self.model, path)
@@ -184,7 +220,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                 "best_val": self.best_val, "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(),
-                "tokenizer_sha256": self.train_data.manifest["tokenizer"]["sha256"],
+                "tokenizer_sha256": self.inputs.tokenizer_sha256,
                 "world_size": self.dist.world_size, "objective": self._objective_states}
 
     # --- one step ------------------------------------------------------------------------------
@@ -196,7 +232,7 @@ class Trainer:
             first = self.dist.rank * len(micro_batches)
             micro_batches = [self.objective.prepare(b, (self.step, first + i)) for i, b in enumerate(micro_batches)]
         data_wait = time.perf_counter() - t0
-        local_valid = sum(int((y != -100).sum()) for _, y in micro_batches)
+        local_valid = sum(int((b[-1] != -100).sum()) for b in micro_batches)  # the last tensor holds the targets
         (n_valid,) = all_reduce_sum([local_valid], self.dist, self.device)
         # DDP averages gradients over ranks; multiplying by world_size turns that into a sum.
         scale = self.dist.world_size / max(n_valid, 1)
@@ -254,9 +290,11 @@ class Trainer:
         has_state = hasattr(self.objective, "state_dict")
         self._objective_states = gather_objects(self.objective.state_dict(), self.dist) if has_state else None
         if self.dist.is_main:
+            tokenizer_dir = self.inputs.tokenizer_dir
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self._trainer_state(),
                                         yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
-                                        self.tokenizer_dir if self.tokenizer_dir.is_dir() else None, val_loss)
+                                        tokenizer_dir if tokenizer_dir.is_dir() else None, val_loss,
+                                        self.inputs.extra_files)
             ckpt.prune_checkpoints(self.out_dir, self.cfg.train.keep_last)
         barrier(self.dist)
         return path or self.out_dir / ckpt.step_dir_name(self.step)
@@ -283,11 +321,11 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             self.step += 1
-            self.tokens += self.tokens_per_step
+            self.tokens += self.sampler.tokens_per_step
             self.elapsed += dt
             window["loss"] += loss
             window["steps"] += 1
-            window["tokens"] += self.tokens_per_step
+            window["tokens"] += self.sampler.tokens_per_step
             window["time"] += dt
             window["data"] += data_wait
             if self.nonfinite_streak >= t.max_nonfinite:
