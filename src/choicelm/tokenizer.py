@@ -186,6 +186,7 @@ class Tokenizer:
         self.hf = hf
         self._kind = kind or _infer_kind(hf)
         self.train_stats: TextStats | None = None  # set by train(): files read and skipped
+        self.chat_template: str | None = None  # Jinja chat template (generation/chat.py); saved with the tokenizer
         roles = {role: token for role, token in _DEFAULT_ROLES.items() if hf.token_to_id(token) is not None}
         for role, token in (special_tokens or {}).items():
             if role not in _DEFAULT_ROLES:
@@ -243,6 +244,8 @@ class Tokenizer:
             "model_max_length": 1_000_000_000_000,
             "choicelm": {"kind": self.kind, "sha256": self.sha256()},
         }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return out
 
@@ -259,7 +262,9 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ChoicelmError(f"{file} is not a valid tokenizer.json ({str(e)[:200]}); "
                                 f"re-create it with `choicelm tokenizer train`") from None
-        return cls(hf, special_tokens=read_special_tokens(path) if path.is_dir() else None)
+        tok = cls(hf, special_tokens=read_special_tokens(path) if path.is_dir() else None)
+        tok.chat_template = read_chat_template(path) if path.is_dir() else None
+        return tok
 
     # --- encoding
 
@@ -375,6 +380,19 @@ def read_special_tokens(folder: Path) -> dict[str, str | None]:
                 value = config[f"{role}_token"]
                 roles[role] = value.get("content") if isinstance(value, dict) else value
     return roles
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The Jinja chat template of a tokenizer folder: chat_template.jinja, or "chat_template" in
+    tokenizer_config.json (transformers writes one or the other); None when there is none."""
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template") if config_file.is_file() else None
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import ChoicelmError
-from ..generation.chat import ASSISTANT, TURN_STOP, USER
+from ..generation.chat import TURN_STOP, chat_prompt
 from .scheduler import QueueFull, Request, Scheduler
 
 STATIC = Path(__file__).parent / "static"
@@ -175,9 +175,9 @@ def _prompts(body: dict, tokenizer) -> list[list[int]]:
     return out
 
 
-def chat_prompt(messages) -> str:
-    """The chat template of `choicelm chat` (generation/chat.py) over OpenAI messages: system messages go first,
-    then User:/Assistant: turns, ending with "Assistant:" for the reply."""
+def chat_messages(messages) -> list[dict]:
+    """OpenAI messages checked and reduced to {role, content} text messages for the model's chat template
+    (generation/chat.py): system (and developer) messages joined into one, first."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages", "invalid_type")
     system, turns = [], []
@@ -201,17 +201,14 @@ def chat_prompt(messages) -> str:
         role = m["role"]
         if role in ("system", "developer"):
             system.append(content)
-        elif role == "user":
-            turns.append(f"{USER} {content}\n")
-        elif role == "assistant":
-            turns.append(f"{ASSISTANT} {content}\n")
+        elif role in ("user", "assistant"):
+            turns.append({"role": role, "content": content})
         else:
             raise APIError(400, f"messages[{i}].role={role!r} is not supported; use system, user or assistant",
                            f"messages[{i}].role", "invalid_value")
     if messages[-1].get("role") != "user":
         raise APIError(400, "the last message must come from the user", "messages", "invalid_value")
-    head = "\n".join(system) + "\n\n" if system else ""
-    return head + "".join(turns) + ASSISTANT
+    return ([{"role": "system", "content": "\n".join(system)}] if system else []) + turns
 
 
 # ----------------------------------------------------------------------------- the app
@@ -476,7 +473,7 @@ def create_app(lm, *, model_name: str | None = None, api_key: str | None = None,
             raise APIError(400, "logprobs with stream=true is not supported by this server (choicelm); drop one of "
                                 "them", "logprobs", "unsupported_parameter")
         logprobs = (top_logprobs or 0) if want_logprobs else None
-        prompt = lm.tokenizer.encode(chat_prompt(body.get("messages")))
+        prompt = lm.tokenizer.encode(chat_prompt(lm.tokenizer, chat_messages(body.get("messages"))))
         max_tokens = max_tokens_for(body, len(prompt), None, ("max_completion_tokens", "max_tokens"))
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
