@@ -22,6 +22,11 @@ transposing the Conv1D weights (c_attn, c_proj, c_fc):
     transformer.h.{i}.mlp.gate_proj / up_proj / down_proj   (swiglu; same names as Llama)
     transformer.ln_f.{weight,bias}                      Llama: model.norm
     lm_head.weight                      [V, D]          (the same tensor as wte when tied)
+    classifier.{weight,bias}            [L, D]          (model.n_labels > 0: sequence classification)
+
+With model.n_labels = L > 0 the model classifies sequences: the final hidden state of each row's last
+real token (last-token pooling, as GPT-2 for sequence classification in transformers) goes through
+`classifier`, and forward returns class logits [B, L] (the loss against labels_B).
 
 The rotary tables are non-persistent buffers: they are not in the state dict.
 """
@@ -75,6 +80,15 @@ class MoEBlock(Block):
         return x_BTD + out.y_BTD
 
 
+def last_real_position(attention_mask_BS: torch.Tensor | None, T: int) -> torch.Tensor | int:
+    """Index of each row's last real token (mask 1) in the last T positions: T-1 without a mask or with left
+    padding, before the padding with right padding."""
+    if attention_mask_BS is None:
+        return T - 1
+    mask_BT = attention_mask_BS[:, -T:].to(torch.bool)
+    return T - 1 - mask_BT.flip(1).to(torch.int8).argmax(1)
+
+
 class GPT(nn.Module):
     """Decoder-only LM. forward(idx_BT, targets_BT) -> ModelOutput(logits, loss, aux_loss, stats).
 
@@ -111,6 +125,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.classifier = nn.Linear(config.n_embd, config.n_labels) if config.n_labels else None
         if config.pos == "rope":
             cos, sin = rope_cos_sin(config.head_dim, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -142,7 +157,8 @@ class GPT(nn.Module):
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, start_pos: int = 0, loss_reduction: str = "mean",
                 return_logits: bool = True, attention_mask_BS: torch.Tensor | None = None,
-                position_ids_BT: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
+                position_ids_BT: torch.Tensor | None = None, logits_to_keep: int = 0,
+                labels_B: torch.Tensor | None = None) -> ModelOutput:
         """idx_BT: token ids at positions start_pos..start_pos+T-1.
 
         targets_BT:     next-token ids, already shifted (targets[:, t] is the token after idx[:, t]);
@@ -157,7 +173,12 @@ class GPT(nn.Module):
                         row counts from 0 at its first real token, as Hugging Face does.
         logits_to_keep: > 0 computes logits for the last logits_to_keep positions only (a prefill needs
                         one row of [V], not T of them).
+        labels_B:       class ids of a classifier (model.n_labels > 0; -100 = ignore). A classifier returns
+                        logits [B, n_labels] of each row's last real token (per attention_mask_BS).
         """
+        if (labels_B is not None or targets_BT is not None) and (self.classifier is None) == (labels_B is not None):
+            raise ChoicelmError("labels_B needs a classifier (model.n_labels > 0, or add_classifier(N)) and a "
+                                "classifier takes labels_B, not next-token targets")
         B, T = idx_BT.shape
         end = start_pos + T
         if end > self.config.block_size:
@@ -199,7 +220,10 @@ class GPT(nn.Module):
         x_BTD = self.transformer.ln_f(x_BTD)
 
         logits = loss = None
-        if return_logits:
+        if self.classifier is not None:
+            logits = self.classifier(x_BTD[torch.arange(B, device=x_BTD.device), last_real_position(attention_mask_BS, T)])
+            loss = None if labels_B is None else cross_entropy(logits, labels_B, loss_reduction)
+        elif return_logits:
             logits = self.lm_head(x_BTD[:, -logits_to_keep:] if logits_to_keep else x_BTD)
             if targets_BT is not None:
                 loss = cross_entropy(logits, targets_BT, loss_reduction)
@@ -211,6 +235,22 @@ class GPT(nn.Module):
         rule = self.current_routing()
         stats = {"routing": rule, "causal": rule in CAUSAL_RULES, "moe": {i: o.stats for i, o in moe_outs.items()}}
         return ModelOutput(logits=logits, loss=loss, aux_loss=torch.stack(aux).sum() if aux else None, stats=stats)
+
+    def add_classifier(self, n_labels: int) -> "GPT":
+        """Turn a (pretrained) language model into a classifier of n_labels classes for fine-tuning: a fresh
+        `classifier` head (N(0, 0.02) weights, zero bias, on the model's device and dtype); forward then
+        classifies. Load the pretrained weights first, then call this. Returns self."""
+        if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 2:
+            raise ChoicelmError(f"n_labels={n_labels!r}: a classifier needs at least 2 classes")
+        if self.classifier is not None:
+            raise ChoicelmError(f"this model already has a {self.config.n_labels}-class head; build a new model "
+                                "from the language-model checkpoint to change the number of classes")
+        w = self.transformer.wte.weight
+        self.classifier = nn.Linear(self.config.n_embd, n_labels).to(device=w.device, dtype=w.dtype)
+        nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+        self.config = dataclasses.replace(self.config, n_labels=n_labels)
+        return self
 
     # ------------------------------------------------------------------------- MoE routing
 

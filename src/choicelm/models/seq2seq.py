@@ -306,3 +306,15 @@ class Seq2Seq(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, the GPT estimate (models/gpt.py) for source and target of seq_len tokens:
+        6 x the matmul parameters (all but the lookup tables; lm_head counts), plus attention's 12 x width x
+        seq_len per self- and cross-attention layer."""
+        c = self.config
+        seq_len = seq_len or c.block_size
+        tables = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        if c.tie_embeddings:
+            tables -= self.lm_head.weight.numel()  # the tied table is also the output projection
+        attention_layers = c.n_layer + 2 * self.n_decoder_layer
+        return 6 * (self.num_params() - tables) + 12 * attention_layers * c.n_embd * seq_len
