@@ -87,7 +87,7 @@ def test_rouge_matches_rouge_score_averaged():
 
 
 def test_metric_names_checked_against_task():
-    assert METRICS == {"accuracy", "f1", "precision", "recall", "bleu", "rouge"}
+    assert METRICS == {"accuracy", "f1", "precision", "recall", "bleu", "rouge", "ppl"}
     assert check_metric_names(["F1", " accuracy"], "classify") == ["f1", "accuracy"]
     assert check_metric_names(["bleu", "rouge"], "seq2seq") == ["bleu", "rouge"]
     with pytest.raises(ChoicelmError, match="unknown metric.*meteor.*accuracy, f1, precision, recall"):
