@@ -26,7 +26,8 @@ def run_cli(*args) -> int:
 def test_verb_map_is_frozen():
     parser = build_parser()
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
-    assert sorted(verbs) == ["chat", "convert", "evaluate", "generate", "plot", "prepare", "pretrain", "serve", "tokenizer"]
+    assert sorted(verbs) == ["chat", "convert", "evaluate", "finetune", "generate", "plot", "prepare", "pretrain", "serve",
+                            "tokenizer"]
     convert = next(a for a in verbs["convert"]._actions if a.dest == "action").choices
     assert sorted(convert) == ["from-hf", "to-arpa", "to-hf"]
 
@@ -43,7 +44,7 @@ def test_pretrain_help_lists_every_config_key(capsys):
 
 def test_import_stays_light():
     code = ("import sys, choicelm, choicelm.cli, choicelm.train.loop, choicelm.api; "
-            "print([m for m in ('transformers', 'fastapi', 'matplotlib') if m in sys.modules])")
+            "print([m for m in ('transformers', 'fastapi', 'matplotlib', 'peft', 'sklearn', 'sacrebleu') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,12 +23,31 @@ from .train.runtime import pick_device
 @dataclass
 class LanguageModel:
     """What `load` returns: `.model` (forward(ids) -> output with .logits, .loss given targets),
-    `.tokenizer`, `.config` (the run config), `.checkpoint` (the step directory loaded)."""
+    `.tokenizer`, `.config` (the run config), `.checkpoint` (the step directory loaded), `.labels` (a
+    classifier's class names, index = class id; None otherwise)."""
 
     model: torch.nn.Module
     tokenizer: Tokenizer
     config: Config
     checkpoint: Path
+    labels: list[str] | None = None
+
+    @property
+    def is_classifier(self) -> bool:
+        return bool(getattr(self.model.config, "n_labels", 0))
+
+    @torch.no_grad()
+    def classify(self, text: str | list[str], *, batch_size: int = 32, return_probs: bool = False):
+        """The label of `text` (or of each text of a list). return_probs: (label, {label: probability}) instead."""
+        from .finetune.evaluate import classify_texts
+
+        if not self.is_classifier:
+            raise ChoicelmError("this model has no classification head; fine-tune one with "
+                                "`choicelm finetune --task classify`")
+        texts = [text] if isinstance(text, str) else list(text)
+        results = classify_texts(self, texts, batch_size)
+        results = results if return_probs else [label for label, _ in results]
+        return results[0] if isinstance(text, str) else results
 
     @property
     def device(self) -> torch.device:
@@ -38,9 +58,8 @@ class LanguageModel:
         if self.config.model.kind == "bert":
             raise ChoicelmError("a BERT encoder does not generate text (it fills masks and classifies); "
                                 "generate with a gpt, lstm or ngram checkpoint")
-        if self.config.model.kind == "seq2seq":
-            raise ChoicelmError("an encoder-decoder generates from a source: use "
-                                "choicelm.generation.seq2seq.generate_seq2seq(lm.model, sources, ...)")
+        if self.is_classifier:
+            raise ChoicelmError("a classifier does not generate text; call lm.classify(text)")
         if stop_at_eos:
             options.setdefault("eos_token_id", self.tokenizer.eot_id)
         return GenerationConfig.from_options(**options)
@@ -57,7 +76,15 @@ class LanguageModel:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not all(isinstance(p, str) for p in prompts):
             raise ChoicelmError("generate() takes a prompt string or a list of prompt strings")
-        completions = generate_text(self.model, self.tokenizer, [self.tokenizer.encode(p) for p in prompts], cfg)
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        if self.config.model.kind == "seq2seq":  # the prompt is the source; the output is the whole target
+            from .finetune.data import decoder_start_id
+            from .generation.seq2seq import generate_seq2seq
+
+            completions = generate_seq2seq(self.model, ids, cfg, start_id=decoder_start_id(self.tokenizer),
+                                           pad_id=self.tokenizer.pad_id_or_eos, tokenizer=self.tokenizer)
+        else:
+            completions = generate_text(self.model, self.tokenizer, ids, cfg)
         texts = [c.text for c in completions]
         n = cfg.num_return_sequences
         if n > 1:
@@ -86,8 +113,7 @@ def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> La
     cfg = Config.from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
     if cfg.model.kind == "ngram":
         return _load_ngram(step_dir, cfg)
-    model = build_model(cfg.model, cfg.moe)
-    ckpt.load_weights(model, step_dir)
+    model = build_from_checkpoint(step_dir, cfg)
     model.to(pick_device(device)).eval()
     if dtype is not None:
         model.to(dtypes[dtype])
@@ -95,7 +121,24 @@ def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> La
     tok_dir = step_dir / "tokenizer"
     if not tok_dir.is_dir():
         raise ChoicelmError(f"{step_dir} has no tokenizer/ folder; the checkpoint was written without its tokenizer")
-    return LanguageModel(model, Tokenizer.load(tok_dir), cfg, step_dir)
+    labels_file = step_dir / "labels.json"
+    labels = json.loads(labels_file.read_text())["labels"] if labels_file.is_file() else None
+    return LanguageModel(model, Tokenizer.load(tok_dir), cfg, step_dir, labels)
+
+
+def build_from_checkpoint(step_dir: Path, cfg: Config) -> torch.nn.Module:
+    """The model of `cfg` with the weights of `step_dir` (fp32, CPU). A LoRA run's adapters are merged into the
+    base weights, so the result is a plain model."""
+    model = build_model(cfg.model, cfg.moe)
+    if not cfg.finetune.lora_r:
+        ckpt.load_weights(model, step_dir)
+        return model
+    from .finetune.lora import apply_lora, merge_lora
+    from .finetune.run import lora_settings
+
+    model = apply_lora(model, lora_settings(cfg))
+    ckpt.load_weights(model, step_dir)
+    return merge_lora(model)
 
 
 class CountedLanguageModel(LanguageModel):

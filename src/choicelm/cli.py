@@ -3,7 +3,10 @@
     choicelm tokenizer train --input PATH --vocab-size N --out DIR [--kind bpe|char]
     choicelm prepare  --input PATH --tokenizer DIR --out DIR [--val-files a,b | --val-fraction F]
     choicelm pretrain --config configs/X.yaml --data DIR --out RUN [--section.key=value ...] [--resume auto]
+    choicelm finetune --task classify|seq2seq|sft --from CKPT --train FILE [--val FILE] --out RUN
+                      [--config YAML --tokenizer DIR (a fresh model)] [--section.key=value ...] [--resume auto]
     choicelm evaluate --checkpoint RUN --data DIR --metrics ppl
+    choicelm evaluate --checkpoint RUN --data FILE [--metrics accuracy,f1 | bleu,rouge] [--num-beams N]
     choicelm generate --checkpoint RUN --prompt "..." [--max-new-tokens --temperature --top-k --top-p --min-p
                       --repetition-penalty --no-repeat-ngram-size --num-beams --seed --stop S ... --stream]
     choicelm chat     --checkpoint RUN [same options]       # terminal chat; /reset, /quit
@@ -56,10 +59,37 @@ def cmd_pretrain(args, overrides: list[str]) -> None:
     print(f"done: {final}")
 
 
+def cmd_finetune(args, overrides: list[str]) -> None:
+    from .config import load_config
+    from .finetune.run import finetune
+
+    extra = [f"--finetune.task={args.task}"] + list(overrides)
+    for key, value in (("init", args.init), ("train_file", args.train), ("val_file", args.val),
+                       ("tokenizer", args.tokenizer)):
+        if value:
+            extra.append(f"--finetune.{key}={value}")
+    final = finetune(load_config(args.config, extra), args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: {final}")
+    report = final.parent / "eval.json"
+    if report.is_file():
+        print(report.read_text(), end="")
+
+
 def cmd_evaluate(args) -> None:
+    from pathlib import Path
+
+    metrics = _comma_list(args.metrics) if args.metrics else []
+    if Path(args.data).is_file():  # a task file: fine-tuning metrics
+        from . import load
+        from .finetune.evaluate import evaluate_file
+
+        result = evaluate_file(load(args.checkpoint, args.device), args.data, metrics, num_beams=args.num_beams,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        print(json.dumps(result, indent=1))
+        return
     from .evaluation import evaluate
 
-    result = evaluate(args.checkpoint, args.data, _comma_list(args.metrics), split=args.split,
+    result = evaluate(args.checkpoint, args.data, metrics or ["ppl"], split=args.split,
                       batch_size=args.batch_size, max_batches=args.max_batches, device=args.device,
                       routing=args.routing)
     print(json.dumps(result, indent=1))
@@ -207,10 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
-    p = verbs.add_parser("evaluate", help="score a checkpoint on prepared data")
+    p = verbs.add_parser("finetune", help="fine-tune for a task: classify, seq2seq or sft (chat replies)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="config keys (override any with --section.key=value):\n" + config_help())
+    p.add_argument("--task", required=True, choices=("classify", "seq2seq", "sft"))
+    p.add_argument("--from", dest="init", help="checkpoint to start from (run or step folder); its model is used")
+    p.add_argument("--train", required=True, help="training examples: .csv/.jsonl (classify), .tsv/.jsonl "
+                                                  "(seq2seq), .jsonl (sft)")
+    p.add_argument("--val", help="held-out examples: validation loss while training, task metrics at the end")
+    p.add_argument("--config", help="YAML config (optim, train, finetune sections; the model section for a fresh "
+                                    "model)")
+    p.add_argument("--tokenizer", help="tokenizer folder, for a fresh model (no --from)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", help="auto (newest complete checkpoint in --out, if any) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    p.set_defaults(func=cmd_finetune, takes_overrides=True)
+
+    p = verbs.add_parser("evaluate", help="score a checkpoint on prepared data, or on a task file")
     p.add_argument("--checkpoint", required=True, help="run directory or step-XXXXXXXX folder")
-    p.add_argument("--data", required=True, help="directory written by `choicelm prepare`")
-    p.add_argument("--metrics", default="ppl", help="comma-separated: ppl (perplexity and bits per byte)")
+    p.add_argument("--data", required=True, help="directory written by `choicelm prepare`, or a task file "
+                                                 "(.csv/.tsv/.jsonl as for finetune)")
+    p.add_argument("--metrics", default="", help="comma-separated: ppl (prepared data; perplexity and bits per byte); "
+                                                 "accuracy, precision, recall, f1 (classifier); bleu, rouge "
+                                                 "(encoder-decoder). Default: ppl, or all of the task's")
+    p.add_argument("--num-beams", type=int, default=1, help="seq2seq: beam search width (1 = greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="seq2seq: longest output (0 = the run's "
+                                                                 "max_target_length, else 64)")
     p.add_argument("--split", default="val", help="val or train")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")

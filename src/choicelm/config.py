@@ -1,6 +1,7 @@
 """Grouped dataclass configs: validated on construction, loaded from YAML, overridden from the CLI.
 
-A run's config has six sections, each a dataclass below: `model`, `data`, `optim`, `train`, `moe`, `ngram`.
+A run's config has seven sections, each a dataclass below: `model`, `data`, `optim`, `train`, `moe`, `ngram`,
+`finetune`.
 Every field carries a help string (it becomes `--help`); every section validates itself in
 `__post_init__`, so a bad value fails before any work starts, with a message naming the key.
 
@@ -72,7 +73,7 @@ class ModelConfig:
     src_vocab_size: int = _f(0, "seq2seq: source vocabulary size for separate source/target vocabularies "
                                 "(own source embedding); 0 = one vocabulary and embedding shared by both")
     type_vocab_size: int = _f(2, "bert: token-type (segment) embedding rows")
-    n_labels: int = _f(0, "bert: classes of the classification head; 0 = masked-LM model (no classifier)")
+    n_labels: int = _f(0, "bert, gpt: classes of a sequence-classification head; 0 = a language model (no classifier)")
 
     def __post_init__(self) -> None:
         s = "model"
@@ -88,6 +89,10 @@ class ModelConfig:
             raise ConfigError("model.norm_placement=post is only implemented for model.kind=seq2seq; use pre")
         _positive(s, self, "block_size", "n_layer", "n_head", "n_embd", "norm_eps", "rope_theta")
         _positive(s, self, "vocab_size", "n_kv_head", "mlp_hidden", allow_zero=True)
+        if self.n_labels == 1 or self.n_labels < 0:
+            raise ConfigError(f"model.n_labels={self.n_labels}: use 0 for a language model or >= 2 classes")
+        if self.n_labels and self.kind not in ("bert", "gpt"):
+            raise ConfigError(f"model.n_labels={self.n_labels}: only bert and gpt models have a classification head")
         if self.kind in ("lstm", "ngram"):
             if not 0.0 <= self.dropout < 1.0:
                 raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
@@ -97,8 +102,6 @@ class ModelConfig:
             if self.pos != "learned" or self.mlp != "gelu":
                 raise ConfigError(f"model.kind=bert uses learned positions and the GELU MLP; set model.pos=learned "
                                   f"and model.mlp=gelu (got pos={self.pos}, mlp={self.mlp})")
-            if self.n_labels == 1 or self.n_labels < 0:
-                raise ConfigError(f"model.n_labels={self.n_labels}: use 0 for a masked-LM model or >= 2 classes")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:
@@ -200,6 +203,47 @@ class NGramConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Task fine-tuning (`choicelm finetune`): the task, its files, LoRA and adversarial training."""
+
+    task: str = _f("", "classify (text -> label) | seq2seq (source -> target) | sft (chat/instruction replies)")
+    init: str = _f("", "the checkpoint to start from (--from): a choicelm run or step folder, or a Hugging Face "
+                       "model folder; empty = a fresh model from the model section (needs finetune.tokenizer)")
+    tokenizer: str = _f("", "tokenizer folder for a fresh model (finetune.init empty)")
+    train_file: str = _f("", "training examples (--train): .csv/.jsonl (classify), .tsv/.jsonl (seq2seq), .jsonl (sft)")
+    val_file: str = _f("", "held-out examples in the same format (--val): validation loss during training and the "
+                           "task metrics at the end")
+    text_column: str = _f("text", "classify: the column holding the text")
+    label_column: str = _f("label", "classify: the column holding the label")
+    source_column: str = _f("source", "seq2seq: the source column (JSONL/CSV)")
+    target_column: str = _f("target", "seq2seq: the target column (JSONL/CSV)")
+    max_length: int = _f(0, "tokens kept per input (classify text, seq2seq source, sft conversation); 0 = block size")
+    max_target_length: int = _f(0, "seq2seq: target tokens kept (and generated at evaluation); 0 = block size - 1")
+    epochs: float = _f(0.0, "train for this many passes over the training examples (sets train.max_steps); "
+                            "0 = train.max_steps decides")
+    chat_template: str = _f("", "sft: a Jinja chat template file; empty = choicelm's User:/Assistant: template with "
+                                "the end-of-text token after each reply. Saved with the model for chat and serve")
+    lora_r: int = _f(0, "LoRA rank; 0 = full fine-tuning (every weight trains)")
+    lora_alpha: float = _f(16.0, "LoRA scale alpha (the update is alpha/r * B A)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input")
+    lora_targets: str = _f("", "comma-separated Linear module names to adapt; empty = every attention and MLP "
+                               "projection")
+    adversarial: str = _f("none", "none | fgm | pgd: also train on input embeddings perturbed along the loss gradient")
+    adv_epsilon: float = _f(1.0, "adversarial: L2 radius of each sequence's embedding perturbation")
+    adv_steps: int = _f(3, "pgd: ascent steps")
+    adv_step_size: float = _f(0.0, "pgd: size of each ascent step; 0 = the adversarial module's default")
+
+    def __post_init__(self) -> None:
+        s = "finetune"
+        _choice(s, "task", self.task, ("", "classify", "seq2seq", "sft"))
+        _choice(s, "adversarial", self.adversarial, ("none", "fgm", "pgd"))
+        _positive(s, self, "max_length", "max_target_length", "epochs", "lora_r", "adv_step_size", allow_zero=True)
+        _positive(s, self, "lora_alpha", "adv_epsilon", "adv_steps")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"finetune.lora_dropout={self.lora_dropout} must be in [0, 1)")
+
+
+@dataclass
 class DataConfig:
     """Where the token shards come from (written by `choicelm prepare`)."""
 
@@ -271,7 +315,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole run: model, data, optim, train, moe and ngram sections."""
+    """A whole run: model, data, optim, train, moe, ngram and finetune sections."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,6 +323,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     ngram: NGramConfig = field(default_factory=NGramConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -308,7 +353,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                             "moe": MoEConfig, "ngram": NGramConfig}
+                             "moe": MoEConfig, "ngram": NGramConfig, "finetune": FinetuneConfig}
 
 
 def _unknown_message(source: str, key: str, valid, what: str) -> str:

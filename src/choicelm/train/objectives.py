@@ -95,7 +95,25 @@ class MaskedLM:
         return out.loss, int((targets_BT != -100).sum()), out
 
 
-OBJECTIVES = {"causal_lm": causal_lm}
+def classification(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    """Sequence classification: (ids_BT, mask_BT, labels_B) -> cross-entropy summed over the labelled rows.
+    An encoder pools its first position, a decoder the last real one (models/bert.py, models/gpt.py)."""
+    ids_BT, mask_BT, labels_B = batch
+    config = getattr(model, "module", model).config  # through DDP's wrapper
+    mask_name = "attention_mask_BT" if config.kind == "bert" else "attention_mask_BS"
+    out = model(ids_BT, labels_B=labels_B, loss_reduction="sum", **{mask_name: mask_BT})
+    return out.loss, int((labels_B != -100).sum()), out
+
+
+def seq2seq_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
+    """Teacher-forced target prediction for an encoder-decoder: (src_BS, src_mask_BS, tgt_in_BT, targets_BT)."""
+    src_BS, src_mask_BS, tgt_in_BT, targets_BT = batch
+    out = model(src_BS, tgt_in_BT, targets_BT, src_mask_BS=src_mask_BS, loss_reduction="sum")
+    return out.loss, int((targets_BT != -100).sum()), out
+
+
+# sft is causal_lm on conversations whose prompt tokens are -100 (finetune/data.py)
+OBJECTIVES = {"causal_lm": causal_lm, "classify": classification, "seq2seq": seq2seq_lm, "sft": causal_lm}
 
 
 @torch.no_grad()
