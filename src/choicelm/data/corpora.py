@@ -157,6 +157,20 @@ def write_bbc_headlines(out_dir: str | Path, seed: int = 0, val_fraction: float 
     return {name: len(articles) for name, articles in splits.items()}
 
 
+def write_bbc_text(out_dir: str | Path, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                   overwrite: bool = False) -> dict:
+    """The training split's articles as plain text, one file per article (`<category>-<NNN>.txt`: a document
+    each), to pretrain an encoder on before fine-tuning; held-out articles are left out. Returns the count."""
+    out_dir = Path(out_dir)
+    articles = split_bbc(bbc_news(), seed, val_fraction, test_fraction)["train"]
+    paths = {a.file_id: out_dir / (a.file_id.replace("/", "-") + ".txt") for a in articles}
+    _refuse_overwrite(paths, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for a, path in zip(articles, paths.values()):
+        path.write_text(a.text + "\n", encoding="utf-8")
+    return {"train": len(articles)}
+
+
 def write_sentiment_classification(out_dir: str | Path, seed: int = 0, val_fraction: float = 0.1,
                                    test_fraction: float = 0.1, overwrite: bool = False) -> dict:
     """train.csv, val.csv, test.csv (columns text,label) of the sentiment tweets. Returns the count per split."""
@@ -237,5 +251,6 @@ def _refuse_overwrite(paths: dict[str, Path], overwrite: bool) -> None:
     """Check every target before writing any, so a refusal leaves the folder as it was."""
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise ChoicelmError(f"{', '.join(existing)} already exist; choose another folder or pass overwrite=True "
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise ChoicelmError(f"{', '.join(existing[:3])}{more} already exist; choose another folder or pass overwrite=True "
                             "(--overwrite) to replace them")
