@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo demo-finetune test test-all bench clean
 
 # torch first, pinned: that wheel is a CPU build on local disk here; the package then declares torch>=2.4,
 # which the installed 2.13.0 satisfies, so no CUDA build is downloaded.
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+demo-finetune: $(STAMP)
+	bash scripts/demo_finetune.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

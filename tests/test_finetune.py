@@ -136,6 +136,11 @@ def test_gpt_classification_fine_tunes_from_a_language_model(tasks, tmp_path):
     lm = choicelm.load(out)
     assert lm.config.model.kind == "gpt" and lm.config.model.n_labels == 2 and lm.labels == ["peace", "war"]
     assert json.loads((tmp_path / "cls" / "eval.json").read_text())["examples"] == 60
+    from choicelm.serve.scheduler import Scheduler
+
+    for refuse in (lambda: lm.generate("hi"), lambda: Scheduler(lm)):
+        with pytest.raises(ChoicelmError, match="classif"):
+            refuse()
 
 
 def test_seq2seq_learns_to_reverse_and_its_bleu_rouge_equal_the_libraries(tasks, tmp_path):

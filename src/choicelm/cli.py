@@ -72,7 +72,9 @@ def cmd_finetune(args, overrides: list[str]) -> None:
     print(f"done: {final}")
     report = final.parent / "eval.json"
     if report.is_file():
-        print(report.read_text(), end="")
+        from .finetune.evaluate import summary
+
+        print(f"validation: {summary(json.loads(report.read_text()))} (all figures: {report})")
 
 
 def cmd_evaluate(args) -> None:

@@ -85,6 +85,22 @@ def evaluate_file(lm, path, metrics: list[str] | None = None, *, num_beams: int 
     return _reply_loss(lm, path, batch_size)
 
 
+def summary(result: dict) -> str:
+    """One line of a task result, for people (the JSON has the rest)."""
+    n = result["examples"]
+    if result["task"] == "classify":
+        return f"accuracy {result['accuracy']:.3f}, macro F1 {result['f1']:.3f} on {n} examples"
+    if result["task"] == "seq2seq":
+        parts = []
+        if "bleu" in result:
+            parts.append(f"BLEU {result['bleu']['bleu']:.2f} ({result['bleu']['signature']})")
+        if "rouge" in result:
+            r = result["rouge"]
+            parts.append(f"ROUGE-1/2/L {r['rouge1']:.3f}/{r['rouge2']:.3f}/{r['rougeL']:.3f}")
+        return ", ".join(parts) + f" on {n} examples ({result['decoding']})"
+    return f"reply loss {result['loss']:.3f}, perplexity {result['ppl']:.2f} on {n} conversations"
+
+
 @torch.no_grad()
 def _reply_loss(lm, path, batch_size: int) -> dict:
     from ..generation.chat import template_of

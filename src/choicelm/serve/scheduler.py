@@ -106,6 +106,9 @@ class Scheduler:
             raise ChoicelmError(f"serve needs a decoder-only transformer (GPT, dense or MoE) checkpoint; this one is "
                                 f"a {kind} model, whose state cannot share a batched KV cache. Use `choicelm generate` "
                                 "or `choicelm chat` for it")
+        if lm.model.classifier is not None:
+            raise ChoicelmError("this GPT is a classifier (it has a classification head), not a text generator; "
+                                "classify with lm.classify(...) or `choicelm evaluate --data FILE`")
         if max_batch < 1 or max_queue < 1:
             raise ChoicelmError(f"max_batch={max_batch} and max_queue={max_queue} must both be >= 1")
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
