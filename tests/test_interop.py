@@ -328,8 +328,8 @@ def _hf_dir_with(tmp_path: Path, small_tokenizer, edit) -> Path:
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c.update(architectures=["BertForMaskedLM"], model_type="bert"),
-     "BertForMaskedLM is not supported; choicelm converts GPT2LMHeadModel and LlamaForCausalLM"),
+    (lambda c: c.update(architectures=["T5ForConditionalGeneration"], model_type="t5"),
+     "T5ForConditionalGeneration is not supported; choicelm converts GPT2LMHeadModel, LlamaForCausalLM, BertModel"),
     (lambda c: c.update(activation_function="relu"), "activation_function='relu' is not supported"),
     (lambda c: c.update(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True is not"),
     (lambda c: c.update(n_layer=3), r"do not match its config.json \(GPT2LMHeadModel\): missing \['transformer.h.2"),

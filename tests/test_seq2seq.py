@@ -16,6 +16,7 @@ from choicelm.data.pairs import PairDataset
 from choicelm.errors import ChoicelmError
 from choicelm.generation import GenerationConfig
 from choicelm.generation.seq2seq import generate_seq2seq
+from choicelm.interop.hf import state_dict_from_hf_marian
 from choicelm.models import Seq2Seq, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,36 +239,6 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 # ----------------------------------------------------------------------------- Hugging Face Marian parity
 
 
-def marian_to_choicelm(hf_state: dict, n_enc: int, n_dec: int) -> dict:
-    out = {"decoder.wte.weight": hf_state["model.shared.weight"]}
-    def attn(src: str, dst: str) -> None:
-        out[dst + "c_attn.weight"] = torch.cat([hf_state[src + f"{n}_proj.weight"] for n in "qkv"])
-        out[dst + "c_attn.bias"] = torch.cat([hf_state[src + f"{n}_proj.bias"] for n in "qkv"])
-        out[dst + "c_proj.weight"], out[dst + "c_proj.bias"] = hf_state[src + "out_proj.weight"], hf_state[src + "out_proj.bias"]
-    def copy(src: str, dst: str) -> None:
-        out[dst + ".weight"], out[dst + ".bias"] = hf_state[src + ".weight"], hf_state[src + ".bias"]
-    for i in range(n_enc):
-        p, q = f"model.encoder.layers.{i}.", f"encoder.h.{i}."
-        attn(p + "self_attn.", q + "attn.")
-        copy(p + "self_attn_layer_norm", q + "ln_1")
-        copy(p + "fc1", q + "mlp.c_fc")
-        copy(p + "fc2", q + "mlp.c_proj")
-        copy(p + "final_layer_norm", q + "ln_2")
-    for i in range(n_dec):
-        p, q = f"model.decoder.layers.{i}.", f"decoder.h.{i}."
-        attn(p + "self_attn.", q + "attn.")
-        copy(p + "self_attn_layer_norm", q + "ln_1")
-        copy(p + "encoder_attn.q_proj", q + "cross.q_proj")
-        out[q + "cross.c_kv.weight"] = torch.cat([hf_state[p + f"encoder_attn.{n}_proj.weight"] for n in "kv"])
-        out[q + "cross.c_kv.bias"] = torch.cat([hf_state[p + f"encoder_attn.{n}_proj.bias"] for n in "kv"])
-        copy(p + "encoder_attn.out_proj", q + "cross.c_proj")
-        copy(p + "encoder_attn_layer_norm", q + "ln_2")
-        copy(p + "fc1", q + "mlp.c_fc")
-        copy(p + "fc2", q + "mlp.c_proj")
-        copy(p + "final_layer_norm", q + "ln_3")
-    return out
-
-
 @pytest.fixture(scope="module")
 def marian_pair():
     transformers = pytest.importorskip("transformers")
@@ -288,7 +259,7 @@ def marian_pair():
                   pos="sinusoidal", norm_placement="post", bias=True, tie_embeddings=True)
     model = Seq2Seq(config).eval()
     assert not bool(hf.final_logits_bias.abs().any())  # choicelm has no final logits bias
-    missing, unexpected = model.load_state_dict(marian_to_choicelm(hf.state_dict(), 2, 2), strict=False)
+    missing, unexpected = model.load_state_dict(state_dict_from_hf_marian(hf.state_dict(), config), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # lm_head is the same tensor as decoder.wte
     assert model.lm_head.weight is model.decoder.wte.weight
     return hf, model

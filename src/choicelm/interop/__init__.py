@@ -1,15 +1,17 @@
 """Hugging Face interoperability: checkpoints and tokenizers in and out.
 
     from choicelm.interop import from_hf, to_hf
-    from_hf("hf/gpt2", "ckpt/gpt2")     # GPT2LMHeadModel / LlamaForCausalLM folder -> choicelm checkpoint
-    to_hf("runs/x", "hf/x")             # choicelm checkpoint -> folder that transformers loads
+    from_hf("hf/gpt2", "ckpt/gpt2")     # GPT-2 / Llama / BERT / Marian folder -> choicelm checkpoint
+    from_hf("hf/opus", "ckpt/opus", tokenizer="tok/")  # Marian: its SentencePiece tokenizer needs a tokenizer.json
+    to_hf("runs/x", "hf/x")             # choicelm GPT checkpoint -> folder that transformers loads
 
+SUPPORTED lists the architectures from_hf reads, EXPORTABLE those to_hf writes.
 tiktoken_bpe converts a tiktoken BPE file (e.g. GPT-2's) into vocab.json / merges.txt.
 Nothing here imports transformers.
 """
 
-from .hf import (SUPPORTED, ConversionError, from_hf, hf_config_from_model, load_hf_model, load_hf_tokenizer,
-                 model_config_from_hf, read_hf_model, to_hf)
+from .hf import (EXPORTABLE, SUPPORTED, ConversionError, from_hf, hf_config_from_model, load_hf_model,
+                 load_hf_tokenizer, model_config_from_hf, read_hf_model, state_dict_from_hf_marian, to_hf)
 
-__all__ = ["SUPPORTED", "ConversionError", "from_hf", "hf_config_from_model", "load_hf_model", "load_hf_tokenizer",
-           "model_config_from_hf", "read_hf_model", "to_hf"]
+__all__ = ["EXPORTABLE", "SUPPORTED", "ConversionError", "from_hf", "hf_config_from_model", "load_hf_model",
+           "load_hf_tokenizer", "model_config_from_hf", "read_hf_model", "state_dict_from_hf_marian", "to_hf"]

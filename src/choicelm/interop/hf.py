@@ -1,4 +1,9 @@
-"""Hugging Face checkpoints in and out: GPT2LMHeadModel and LlamaForCausalLM <-> choicelm's GPT.
+"""Hugging Face checkpoints in and out: GPT-2, Llama, BERT and Marian.
+
+    GPT2LMHeadModel, LlamaForCausalLM          <-> choicelm's GPT           (from_hf and to_hf)
+    BertModel, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification
+                                               -> choicelm's BERT          (from_hf)
+    MarianMTModel                              -> choicelm's Seq2Seq       (from_hf)
 
     from_hf("hf/gpt2", "ckpt/gpt2")        # config.json + weights + tokenizer -> a choicelm checkpoint folder
     choicelm.load("ckpt/gpt2")             # ... which loads like any step directory
@@ -25,34 +30,75 @@ choicelm's GPT already uses GPT-2's parameter names (see models/gpt.py), so the 
     model.norm                                  transformer.ln_f
     lm_head                                     lm_head (= wte when tied)
 
+BERT's names are models/bert.py's (`state_dict_from_hf_bert`). Which head the checkpoint gets:
+
+    BertForMaskedLM                 masked-LM model (n_labels = 0): encoder + MLM head
+    BertForPreTraining              the same; its pooler and next-sentence head are dropped (listed in source.json)
+    BertForSequenceClassification   classifier (n_labels = num_labels): encoder + pooler + classifier, and
+                                    labels.json {"labels": [...]} from config.json's id2label (index = class id)
+    BertModel                       masked-LM model whose MLM head is freshly initialised (a BertModel has none)
+                                    and whose pooler is dropped (both listed in source.json); hidden states exact
+
+Marian is choicelm's Seq2Seq with pos=sinusoidal, norm_placement=post (models/seq2seq.py):
+
+    Marian (HF)                                         choicelm
+    model.shared (= {en,de}coder.embed_tokens)          decoder.wte (the encoder reads it too)
+    model.encoder.embed_tokens (separate vocabularies)  encoder.wte (model.src_vocab_size = vocab_size)
+    model.{en,de}coder.layers.i.self_attn.{q,k,v}_proj  {en,de}coder.h.i.attn.c_attn (rows [q | k | v])
+    ...self_attn.out_proj / self_attn_layer_norm        ...attn.c_proj / ln_1
+    model.decoder.layers.i.encoder_attn.q_proj          decoder.h.i.cross.q_proj
+    model.decoder.layers.i.encoder_attn.{k,v}_proj      decoder.h.i.cross.c_kv (rows [k | v])
+    ...encoder_attn.out_proj / encoder_attn_layer_norm  decoder.h.i.cross.c_proj / ln_2
+    ...fc1 / fc2 / final_layer_norm                     ...mlp.c_fc / mlp.c_proj / ln_2 (encoder), ln_3 (decoder)
+    lm_head                                             lm_head (= decoder.wte when tied)
+    embed_positions, final_logits_bias                  checked (Marian's fixed table; all zero) and dropped
+
+Marian's tokenizer is SentencePiece without tokenizer.json, which choicelm cannot read: pass a tokenizer.json
+folder whose ids match the model (`tokenizer=` / --tokenizer); its end-of-text token must be config.json's
+eos_token_id and its decoder start (bos, else pad) the decoder_start_token_id. A BERT tokenizer.json has no
+eos/bos: its [SEP] becomes the end-of-text token and [CLS] the bos, so classification reads [CLS] text [SEP].
+
 Only layouts both sides compute identically are converted; anything else (another architecture,
-rope scaling, a non-tanh GELU, GPT-2 without biases, learned positions with RMSNorm, MoE) is refused
-with a message saying what is supported. Nothing is overwritten without overwrite=True, and the
-output appears complete or not at all (written to a temporary folder, fsynced, renamed).
+rope scaling, a non-tanh GELU, GPT-2 without biases, learned positions with RMSNorm, MoE, BERT with
+relative positions, Marian with swish or unscaled embeddings) is refused with a message naming the
+field. Nothing is overwritten without overwrite=True, and the output appears complete or not at all
+(written to a temporary folder, fsynced, renamed).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import Config, ModelConfig
 from ..errors import ChoicelmError
 from ..models import build_model
-from ..tokenizer import EOT, Tokenizer, read_special_tokens
+from ..models.bert import BERT as BertEncoder, config_from_hf_bert, load_hf_bert_state, state_dict_from_hf_bert
+from ..models.seq2seq import sinusoidal_table
+from ..tokenizer import EOT, Tokenizer, read_chat_template, read_special_tokens
 from ..train import checkpoint as ckpt
 from .tiktoken_bpe import byte_level_tokenizer, read_vocab_merges
 
+log = logging.getLogger(__name__)
+
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
-SUPPORTED = (GPT2, LLAMA)
-_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA}
+BERT_MODEL, BERT_MLM, BERT_PRETRAINING, BERT_CLASSIFIER = (
+    "BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
+BERT = (BERT_MODEL, BERT_MLM, BERT_PRETRAINING, BERT_CLASSIFIER)
+MARIAN = "MarianMTModel"
+SUPPORTED = (GPT2, LLAMA, *BERT, MARIAN)  # what from_hf reads
+EXPORTABLE = (GPT2, LLAMA)                # what to_hf writes
+_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "bert": BERT_MODEL, "marian": MARIAN}
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # what choicelm's MLP computes (F.gelu approximate="tanh")
 
@@ -65,35 +111,56 @@ class ConversionError(ChoicelmError):
 
 
 def architecture(hf_config: dict) -> str:
-    """GPT2LMHeadModel or LlamaForCausalLM, from config.json's architectures (or model_type)."""
+    """One of SUPPORTED, from config.json's architectures (or model_type: bert alone reads as BertModel)."""
     archs = hf_config.get("architectures") or []
     arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type", ""))
     if arch not in SUPPORTED:
         found = arch or hf_config.get("model_type") or "no architectures or model_type"
-        raise ConversionError(f"architecture {found} is not supported; choicelm converts {' and '.join(SUPPORTED)}")
+        raise ConversionError(f"architecture {found} is not supported; choicelm converts "
+                              f"{', '.join(SUPPORTED[:-1])} and {SUPPORTED[-1]}")
     return arch
 
 
 def model_config_from_hf(hf_config: dict) -> ModelConfig:
     """The choicelm model config that computes what the Hugging Face model computes."""
     arch = architecture(hf_config)
-    c = hf_config
-    if arch == GPT2:
-        act = c.get("activation_function", "gelu_new")
-        if act not in _GELU_TANH:
-            raise ConversionError(f"GPT-2 activation_function={act!r} is not supported; choicelm's GPT-2 MLP is the "
-                                  f"tanh GELU ({' or '.join(_GELU_TANH)})")
-        for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                          ("add_cross_attention", False)):
-            if c.get(key, want) != want:
-                raise ConversionError(f"GPT-2 with {key}={c[key]} is not supported; choicelm computes GPT-2's "
-                                      f"default attention ({key}={want})")
-        return ModelConfig(kind="gpt", vocab_size=c["vocab_size"], block_size=c.get("n_positions", 1024),
-                           n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                           mlp_hidden=c.get("n_inner") or 0, norm="layernorm",
-                           norm_eps=c.get("layer_norm_epsilon", 1e-5), mlp="gelu", pos="learned", bias=True,
-                           tie_embeddings=c.get("tie_word_embeddings", True), dropout=0.0)
+    build = {GPT2: _gpt2_config, LLAMA: _llama_config, MARIAN: _marian_config}.get(arch, _bert_config)
+    try:
+        return build(hf_config, arch)
+    except ConversionError:
+        raise
+    except ChoicelmError as e:  # ModelConfig's own checks (ConfigError) and models/bert.py's
+        raise ConversionError(f"{arch} config.json cannot be converted: {e}") from None
 
+
+def _require(c: dict, arch: str, *keys: str) -> None:
+    """config.json has every field the conversion reads (a KeyError would not say which file is wrong)."""
+    missing = [k for k in keys if c.get(k) is None]
+    if missing:
+        raise ConversionError(f"config.json lacks {', '.join(missing)}, which a {arch} has; is it the config of "
+                              f"another architecture?")
+
+
+def _gpt2_config(c: dict, arch: str) -> ModelConfig:
+    _require(c, arch, "vocab_size", "n_layer", "n_head", "n_embd")
+    act = c.get("activation_function", "gelu_new")
+    if act not in _GELU_TANH:
+        raise ConversionError(f"GPT-2 activation_function={act!r} is not supported; choicelm's GPT-2 MLP is the "
+                              f"tanh GELU ({' or '.join(_GELU_TANH)})")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if c.get(key, want) != want:
+            raise ConversionError(f"GPT-2 with {key}={c[key]} is not supported; choicelm computes GPT-2's "
+                                  f"default attention ({key}={want})")
+    return ModelConfig(kind="gpt", vocab_size=c["vocab_size"], block_size=c.get("n_positions", 1024),
+                       n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                       mlp_hidden=c.get("n_inner") or 0, norm="layernorm",
+                       norm_eps=c.get("layer_norm_epsilon", 1e-5), mlp="gelu", pos="learned", bias=True,
+                       tie_embeddings=c.get("tie_word_embeddings", True), dropout=0.0)
+
+
+def _llama_config(c: dict, arch: str) -> ModelConfig:
+    _require(c, arch, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"Llama hidden_act={act!r} is not supported; choicelm's SwiGLU uses silu")
@@ -122,6 +189,66 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
                        tie_embeddings=c.get("tie_word_embeddings", False), dropout=0.0)
 
 
+def _bert_config(c: dict, arch: str) -> ModelConfig:
+    """BERT's checks beyond models/bert.py's config_from_hf_bert (activation, positions, dropout): no decoder
+    use, and a classifier choicelm computes the same way (single-label softmax over >= 2 classes)."""
+    _require(c, arch, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    for key in ("is_decoder", "add_cross_attention"):
+        if c.get(key):
+            raise ConversionError(f"BERT with {key}=true is not supported; choicelm's encoder is bidirectional and "
+                                  f"has no cross-attention")
+    n_labels = 0
+    if arch == BERT_CLASSIFIER:
+        problem = c.get("problem_type")
+        if problem not in (None, "single_label_classification"):
+            raise ConversionError(f"BERT problem_type={problem!r} is not supported; choicelm's classifier is "
+                                  f"single-label (softmax over the classes, problem_type single_label_classification)")
+        n_labels = c.get("num_labels") or len(c.get("id2label") or {}) or 2
+        if n_labels < 2:
+            raise ConversionError(f"BERT num_labels={n_labels} (regression) is not supported; choicelm's classifier "
+                                  f"needs at least 2 classes")
+    return config_from_hf_bert(c, n_labels=n_labels)
+
+
+def _marian_config(c: dict, arch: str) -> ModelConfig:
+    """Marian's layout is choicelm's Seq2Seq with pos=sinusoidal, norm_placement=post. One n_head and one MLP
+    width serve encoder and decoder; attention_dropout and activation_dropout are not kept (dropout is)."""
+    _require(c, arch, "vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+             "encoder_ffn_dim")
+    act = c.get("activation_function", "gelu")
+    if act not in _GELU_TANH:
+        raise ConversionError(f"Marian activation_function={act!r} is not supported; choicelm's encoder-decoder MLP "
+                              f"is the tanh GELU ({' or '.join(_GELU_TANH)})")
+    if not c.get("scale_embedding", False):
+        raise ConversionError("Marian scale_embedding=false is not supported; choicelm multiplies token embeddings "
+                              "by sqrt(d_model) (scale_embedding=true, as in the released opus-mt models)")
+    for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if c.get(dec, c[enc]) != c[enc]:
+            raise ConversionError(f"Marian {enc}={c[enc]} but {dec}={c[dec]} is not supported; choicelm's encoder "
+                                  f"and decoder share one n_head and one MLP width")
+    shared = c.get("share_encoder_decoder_embeddings", True)
+    target_vocab = c.get("decoder_vocab_size") or c["vocab_size"]
+    if shared and target_vocab != c["vocab_size"]:
+        raise ConversionError(f"Marian share_encoder_decoder_embeddings=true with decoder_vocab_size={target_vocab} "
+                              f"!= vocab_size={c['vocab_size']} is not supported; one shared embedding has one size")
+    return ModelConfig(kind="seq2seq", vocab_size=target_vocab, src_vocab_size=0 if shared else c["vocab_size"],
+                       block_size=c.get("max_position_embeddings", 1024), n_layer=c["encoder_layers"],
+                       n_decoder_layer=c["decoder_layers"], n_head=c["encoder_attention_heads"], n_embd=c["d_model"],
+                       mlp_hidden=c["encoder_ffn_dim"], norm="layernorm", norm_eps=1e-5,  # HF's nn.LayerNorm default
+                       mlp="gelu", pos="sinusoidal", norm_placement="post", bias=True,
+                       tie_embeddings=c.get("tie_word_embeddings", True), dropout=float(c.get("dropout", 0.0)))
+
+
+def hf_labels(hf_config: dict, n_labels: int) -> list[str]:
+    """A classifier's class names from config.json's id2label (index = class id)."""
+    id2label = {str(k): v for k, v in (hf_config.get("id2label") or {}).items()}
+    missing = [i for i in range(n_labels) if str(i) not in id2label]
+    if missing:
+        raise ConversionError(f"config.json's id2label names no class {missing[0]} of the {n_labels} classes "
+                              f"(num_labels); give every class id 0..{n_labels - 1} a name")
+    return [str(id2label[str(i)]) for i in range(n_labels)]
+
+
 def hf_architecture_for(config: ModelConfig, moe=None) -> str:
     """The Hugging Face class that computes what this choicelm model computes (moe: the run's moe
     config section, if any), or a ConversionError."""
@@ -129,7 +256,7 @@ def hf_architecture_for(config: ModelConfig, moe=None) -> str:
         what = f"model.kind={config.kind}" if config.kind != "gpt" else \
             f"a Mixture-of-Experts model (moe.experts={moe.experts}, router {getattr(moe, 'router', '?')})"
         raise ConversionError(f"{what} has no Hugging Face equivalent; only dense GPT models convert "
-                              f"(to {' or '.join(SUPPORTED)})")
+                              f"(to {' or '.join(EXPORTABLE)})")
     layout = (config.norm, config.mlp, config.pos)
     if layout == ("layernorm", "gelu", "learned") and config.bias and config.kv_heads == config.n_head:
         return GPT2
@@ -169,8 +296,31 @@ def hf_config_from_model(config: ModelConfig, tokenizer: Tokenizer | None = None
 # ----------------------------------------------------------------------------- weights
 
 
+@dataclass
+class Converted:
+    """What a Hugging Face folder becomes: the choicelm tensors, and which HF tensors had no place (dropped)
+    and which choicelm tensors the source lacked and were freshly initialised (a BertModel's MLM head)."""
+
+    state: dict[str, torch.Tensor]
+    dropped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    """HF tensors -> choicelm names and layouts (every choicelm parameter, lm_head included when tied)."""
+    """HF tensors -> choicelm names and layouts: every choicelm tensor (tied ones under both names)."""
+    return convert_state(hf_state, config, arch).state
+
+
+def convert_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> Converted:
+    """state_dict_from_hf, with the tensors dropped and initialised on the way."""
+    if arch in BERT:
+        return _bert_state(hf_state, config, arch)
+    if arch == MARIAN:
+        return Converted(state_dict_from_hf_marian(hf_state, config))
+    return Converted(_gpt_state(hf_state, config, arch))
+
+
+def _gpt_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
     hf_state = dict(hf_state)
     out: dict[str, torch.Tensor] = {}
 
@@ -214,6 +364,130 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig, a
     if hf_state:
         raise ConversionError(f"the weights hold tensors a {arch} with this config.json does not have: "
                               f"{sorted(hf_state)[:5]}; the config and weights do not match")
+    return out
+
+
+_BERT_MLM_HEAD = ("mlm_head.", "lm_head.")
+_BERT_NSP_HEAD = "cls.seq_relationship."
+_BERT_HEAD_SOURCES = {"pooler": "pooler.", "mlm_head": "cls.predictions.", "lm_head": "cls.predictions.",
+                      "classifier": "classifier."}  # choicelm head -> HF name prefix (after "bert.")
+
+
+def _bert_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> Converted:
+    """models/bert.py's name map, run through a real model so that a head the source lacks (only a BertModel's
+    MLM head may be) gets BERT's initialisation, the same for every conversion (seed 0)."""
+    dropped = sorted(n for n in hf_state if n.removeprefix("bert.").startswith(_BERT_NSP_HEAD))
+    hf_state = {n: t for n, t in hf_state.items() if n not in dropped}  # next-sentence head: choicelm has none
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertEncoder(config)
+    what = f"the weights do not match config.json's {arch}"
+    try:
+        _check_shapes(state_dict_from_hf_bert(hf_state, config), model.state_dict(), what)
+        missing, ignored = load_hf_bert_state(model, hf_state)
+    except ConversionError:
+        raise
+    except ChoicelmError as e:
+        raise ConversionError(f"{what}: {e}") from None
+    lacking = [m for m in missing if not (arch == BERT_MODEL and m.startswith(_BERT_MLM_HEAD))]
+    if lacking:
+        raise ConversionError(f"the weights have no tensor for {', '.join(lacking[:5])}, which a {arch} has; they "
+                              f"do not match config.json")
+    unused = tuple(_BERT_HEAD_SOURCES[name.split(".")[0]] for name in ignored)  # a head the model has no place for
+    dropped += sorted(n for n in hf_state if unused and n.removeprefix("bert.").startswith(unused))
+    return Converted(model.state_dict(), dropped=dropped, initialised=missing)
+
+
+def state_dict_from_hf_marian(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A Hugging Face MarianMTModel state dict -> choicelm Seq2Seq names (see the table in the module
+    docstring): every Seq2Seq tensor, lm_head.weight included (the decoder embedding when tied). Marian's fixed
+    position tables and its final_logits_bias are checked (choicelm has no such tensors) and dropped; a tensor
+    left over is an error."""
+    hf = dict(hf_state)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ConversionError(f"the weights have no tensor {name!r}; they do not match config.json's {MARIAN}")
+        return hf.pop(name)
+
+    _check_marian_extras(hf, config)
+    out = _marian_embeddings(hf, config, take)
+    for i in range(config.n_layer):
+        p, q = f"model.encoder.layers.{i}.", f"encoder.h.{i}."
+        out.update(_fused(take, p + "self_attn.", "qkv", q + "attn.c_attn"))
+        for src, dst in (("self_attn.out_proj", "attn.c_proj"), ("self_attn_layer_norm", "ln_1"),
+                         ("fc1", "mlp.c_fc"), ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")):
+            out.update(_linear(take, p + src, q + dst))
+    for i in range(config.n_decoder_layer or config.n_layer):
+        p, q = f"model.decoder.layers.{i}.", f"decoder.h.{i}."
+        out.update(_fused(take, p + "self_attn.", "qkv", q + "attn.c_attn"))
+        out.update(_fused(take, p + "encoder_attn.", "kv", q + "cross.c_kv"))
+        for src, dst in (("self_attn.out_proj", "attn.c_proj"), ("self_attn_layer_norm", "ln_1"),
+                         ("encoder_attn.q_proj", "cross.q_proj"), ("encoder_attn.out_proj", "cross.c_proj"),
+                         ("encoder_attn_layer_norm", "ln_2"), ("fc1", "mlp.c_fc"), ("fc2", "mlp.c_proj"),
+                         ("final_layer_norm", "ln_3")):
+            out.update(_linear(take, p + src, q + dst))
+    if hf:
+        raise ConversionError(f"the weights hold tensors a {MARIAN} with this config.json does not have: "
+                              f"{sorted(hf)[:5]}; the config and weights do not match")
+    return out
+
+
+def _linear(take, src: str, dst: str) -> dict[str, torch.Tensor]:
+    """A Linear or LayerNorm's weight and bias under a new name."""
+    return {f"{dst}.{kind}": take(f"{src}.{kind}") for kind in ("weight", "bias")}
+
+
+def _fused(take, prefix: str, parts: str, dst: str) -> dict[str, torch.Tensor]:
+    """Separate projections (q_proj, k_proj, v_proj) stacked by rows into one Linear, in the order of `parts`."""
+    return {f"{dst}.{kind}": torch.cat([take(f"{prefix}{n}_proj.{kind}") for n in parts])
+            for kind in ("weight", "bias")}
+
+
+def _check_marian_extras(hf: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Pop Marian's tensors choicelm computes instead of storing, refusing any that differ from what it computes."""
+    bias = hf.pop("final_logits_bias", None)
+    if bias is not None and bool(bias.any()):
+        raise ConversionError("final_logits_bias is not zero; choicelm's lm_head has no bias, so this Marian model "
+                              "cannot be converted")
+    table = sinusoidal_table(config.block_size, config.n_embd)
+    for part in ("encoder", "decoder"):
+        positions = hf.pop(f"model.{part}.embed_positions.weight", None)
+        if positions is not None and (positions.shape != table.shape or
+                                      not torch.allclose(positions.float(), table, atol=1e-4, rtol=0)):
+            raise ConversionError(f"model.{part}.embed_positions.weight is not Marian's fixed sinusoidal table of "
+                                  f"max_position_embeddings={config.block_size} x d_model={config.n_embd}; choicelm "
+                                  f"computes that table and cannot keep other positions")
+
+
+def _marian_embeddings(hf: dict[str, torch.Tensor], config: ModelConfig, take) -> dict[str, torch.Tensor]:
+    """decoder.wte (the shared embedding, or the decoder's own), encoder.wte for separate vocabularies, and
+    lm_head.weight. Copies a checkpoint repeats (old files store every tied name) must be equal."""
+    out: dict[str, torch.Tensor] = {}
+    names = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+    if config.src_vocab_size:
+        out["encoder.wte.weight"] = take(names[1])
+        out["decoder.wte.weight"] = take(names[2])
+    else:
+        copies = {n: hf.pop(n) for n in names if n in hf}
+        if not copies:
+            raise ConversionError(f"the weights have no tensor {names[0]!r}; they do not match config.json's {MARIAN}")
+        first, shared = next(iter(copies.items()))
+        for name, t in copies.items():
+            if not torch.equal(t, shared):
+                raise ConversionError(f"share_encoder_decoder_embeddings=true but {name} differs from {first}; "
+                                      f"choicelm's shared vocabulary has one embedding")
+        out["decoder.wte.weight"] = shared
+    head = hf.pop("lm_head.weight", None)
+    if config.tie_embeddings:
+        if head is not None and not torch.equal(head, out["decoder.wte.weight"]):
+            raise ConversionError("config.json says tie_word_embeddings=true but lm_head.weight differs from the "
+                                  "decoder embedding; set tie_word_embeddings=false to keep both")
+        out["lm_head.weight"] = out["decoder.wte.weight"]
+    elif head is None:
+        raise ConversionError("config.json says tie_word_embeddings=false but the weights have no lm_head.weight")
+    else:
+        out["lm_head.weight"] = head
     return out
 
 
@@ -274,15 +548,28 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """A Hugging Face tokenizer folder as a choicelm Tokenizer: tokenizer.json, or GPT-2's vocab.json +
-    merges.txt; special tokens from tokenizer_config.json / special_tokens_map.json."""
+    merges.txt; special tokens from tokenizer_config.json / special_tokens_map.json. A BERT tokenizer, which
+    names no eos/bos, gets [SEP] (its sep_token) as end-of-text and [CLS] (cls_token) as bos."""
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        return Tokenizer.load(folder)
+        roles = _bert_roles(folder)
+        if roles:
+            tok = Tokenizer(_read_tokenizer_json(folder / "tokenizer.json"), special_tokens=roles)
+            tok.chat_template = read_chat_template(folder)
+        else:
+            tok = Tokenizer.load(folder)
+        # Hub files may pad to a fixed length and truncate (all-MiniLM: 128); transformers switches both off on
+        # load, and so does choicelm: encode() returns the text's ids, nothing more or less
+        tok.hf.no_padding()
+        tok.hf.no_truncation()
+        return tok
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         vocab, merges = read_vocab_merges(folder)
         roles = read_special_tokens(folder)
         specials = tuple(dict.fromkeys(t for t in (*roles.values(), EOT) if t is not None and t in vocab))
         return Tokenizer(byte_level_tokenizer(vocab, merges, specials), kind="bpe", special_tokens=roles)
+    if (folder / "source.spm").is_file() or (folder / "target.spm").is_file():
+        raise ConversionError(_no_marian_tokenizer(folder))
     if (folder / "tokenizer.model").is_file():
         raise ConversionError(f"{folder} has only a sentencepiece tokenizer.model; save it as tokenizer.json first "
                               f"(AutoTokenizer.from_pretrained(folder).save_pretrained(folder) in transformers)")
@@ -290,23 +577,101 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
                           f"pass --tokenizer DIR with one")
 
 
+def _bert_roles(folder: Path) -> dict[str, str | None]:
+    """The special-token roles of a tokenizer folder when they need BERT's fallback (sep_token as eos, cls_token
+    as bos, where tokenizer_config.json / special_tokens_map.json name no eos/bos); {} when they do not."""
+    roles = read_special_tokens(folder)
+    fields: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in read_special_tokens
+        file = folder / name
+        config = _read_json(file, "") if file.is_file() else {}
+        for key in ("sep_token", "cls_token"):
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                fields[key] = value
+    extra = {role: fields[key] for role, key in (("eos", "sep_token"), ("bos", "cls_token"))
+             if roles.get(role) is None and key in fields}
+    return {**roles, **extra} if "eos" in extra else {}
+
+
+def _read_tokenizer_json(file: Path) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ConversionError(f"{file} is not a valid tokenizer.json ({str(e)[:200]})") from None
+
+
+def _no_marian_tokenizer(folder: Path) -> str:
+    return (f"{folder} has no tokenizer.json: a Marian tokenizer is SentencePiece (source.spm, target.spm), which "
+            f"choicelm cannot read; pass --tokenizer DIR (tokenizer= in Python) with a tokenizer.json folder whose "
+            f"ids match the model's vocabulary (a choicelm tokenizer, or a Hugging Face fast tokenizer)")
+
+
+def _tokenizer_for(hf_dir: Path, tokenizer_dir, arch: str) -> Tokenizer:
+    if tokenizer_dir:
+        return load_hf_tokenizer(_existing_dir(tokenizer_dir, "tokenizer folder"))
+    if arch == MARIAN and not (hf_dir / "tokenizer.json").is_file():
+        raise ConversionError(_no_marian_tokenizer(hf_dir))
+    return load_hf_tokenizer(hf_dir)
+
+
+def _check_tokenizer(tok: Tokenizer, config: ModelConfig, hf_config: dict) -> None:
+    """The tokenizer's ids fit the embeddings; for an encoder-decoder, it ends and starts decoding with the ids
+    config.json names (choicelm takes both from the tokenizer: see finetune.data.decoder_start_id)."""
+    for what, rows in (("", config.vocab_size), (" source", config.src_vocab_size)):
+        if rows and tok.vocab_size > rows:
+            raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model only {rows}{what} "
+                                  f"embeddings; pass the model's own tokenizer with --tokenizer")
+    if config.kind != "seq2seq":
+        return
+    from ..finetune.data import decoder_start_id
+
+    eos, start = hf_config.get("eos_token_id"), hf_config.get("decoder_start_token_id")
+    if isinstance(eos, int) and tok.eos_id != eos:
+        raise ConversionError(f"the tokenizer's end-of-text token {tok.special_tokens['eos']!r} is id {tok.eos_id} "
+                              f"but config.json's eos_token_id is {eos}; pass the model's own tokenizer, or name "
+                              f"token {eos} as eos_token in its tokenizer_config.json")
+    if isinstance(start, int) and decoder_start_id(tok) != start:
+        raise ConversionError(f"choicelm starts decoding with the tokenizer's bos token, else its pad token (here id "
+                              f"{decoder_start_id(tok)}), but config.json's decoder_start_token_id is {start}; name "
+                              f"token {start} as bos_token (or pad_token, with no bos_token) in tokenizer_config.json")
+
+
 # ----------------------------------------------------------------------------- whole folders
 
 
-def read_hf_model(hf_dir: str | os.PathLike) -> tuple[ModelConfig, str, dict[str, torch.Tensor]]:
-    """(choicelm model config, HF architecture, every choicelm tensor by name) of a Hugging Face folder,
-    checked against the names and shapes the config implies."""
+@dataclass
+class HFImport:
+    """A Hugging Face folder read and converted: choicelm config and tensors, plus what to record about it."""
+
+    config: ModelConfig
+    arch: str
+    hf_config: dict
+    converted: Converted
+
+
+def read_hf(hf_dir: str | os.PathLike) -> HFImport:
+    """Read and convert a Hugging Face folder (config.json and weights), checked against the names and shapes
+    the converted config implies."""
     hf_dir = _existing_dir(hf_dir, "Hugging Face model folder")
     hf_config = _read_json(hf_dir / "config.json", "a Hugging Face model folder needs config.json")
-    config = model_config_from_hf(hf_config)
     arch = architecture(hf_config)
-    state = state_dict_from_hf(read_hf_weights(hf_dir), config, arch)
-    _check_tensors(state, config, f"the weights in {hf_dir} do not match its config.json ({arch})")
-    return config, arch, state
+    config = model_config_from_hf(hf_config)
+    converted = convert_state(read_hf_weights(hf_dir), config, arch)
+    _check_tensors(converted.state, config, f"the weights in {hf_dir} do not match its config.json ({arch})")
+    return HFImport(config, arch, hf_config, converted)
+
+
+def read_hf_model(hf_dir: str | os.PathLike) -> tuple[ModelConfig, str, dict[str, torch.Tensor]]:
+    """(choicelm model config, HF architecture, every choicelm tensor by name) of a Hugging Face folder."""
+    imported = read_hf(hf_dir)
+    return imported.config, imported.arch, imported.converted.state
 
 
 def load_hf_model(hf_dir: str | os.PathLike) -> torch.nn.Module:
-    """The Hugging Face model in `hf_dir` as a choicelm GPT (fp32, eval mode), without writing anything."""
+    """The Hugging Face model in `hf_dir` as a choicelm model (GPT, BERT or Seq2Seq; fp32, eval mode), without
+    writing anything."""
     config, _, state = read_hf_model(hf_dir)
     model = build_model(config)
     model.load_state_dict(state, strict=True)
@@ -315,29 +680,51 @@ def load_hf_model(hf_dir: str | os.PathLike) -> torch.nn.Module:
 
 def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
             overwrite: bool = False) -> Path:
-    """Convert a Hugging Face GPT-2 or Llama folder into a choicelm checkpoint folder `out`
-    (model.safetensors, config.yaml, tokenizer/, COMPLETE) that `choicelm.load(out)` reads.
-    tokenizer: a folder to take the tokenizer from instead of hf_dir. Weights are stored in fp32."""
+    """Convert a Hugging Face folder (GPT-2, Llama, BERT or Marian: see SUPPORTED) into a choicelm checkpoint
+    folder `out` (model.safetensors, config.yaml, tokenizer/, source.json, COMPLETE, and labels.json for a
+    classifier) that `choicelm.load(out)` reads. tokenizer: a folder to take the tokenizer from instead of
+    hf_dir (needed for Marian, whose SentencePiece tokenizer choicelm cannot read). Weights are stored in fp32."""
     hf_dir = _existing_dir(hf_dir, "Hugging Face model folder")
     out = _check_out(out, overwrite, sources=[hf_dir] + ([Path(tokenizer)] if tokenizer else []))
-    tok = load_hf_tokenizer(_existing_dir(tokenizer, "tokenizer folder") if tokenizer else hf_dir)
-    config, arch, state = read_hf_model(hf_dir)
-    if tok.vocab_size > config.vocab_size:
-        raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size} "
-                              f"embeddings; pass the model's own tokenizer with --tokenizer")
-    if config.tie_embeddings:  # stored once, under the name safetensors' save_model keeps for the pair
-        del state["transformer.wte.weight"]
-    tensors = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
+    arch = architecture(_read_json(hf_dir / "config.json", "a Hugging Face model folder needs config.json"))
+    tok = _tokenizer_for(hf_dir, tokenizer, arch)
+    imported = read_hf(hf_dir)
+    config, converted = imported.config, imported.converted
+    _check_tokenizer(tok, config, imported.hf_config)
+    labels = hf_labels(imported.hf_config, config.n_labels) if config.n_labels else None
+    tensors = {name: t.to(torch.float32).contiguous() for name, t in _without_tied_copies(converted.state).items()}
+    source = {"converted_from": str(hf_dir.resolve()), "architecture": imported.arch}
+    if converted.dropped:
+        source["dropped"] = converted.dropped
+    if converted.initialised:
+        source["initialised"] = converted.initialised
+        log.warning("%s has no %s; they were freshly initialised (fine-tune before using them)",
+                    imported.arch, ", ".join(converted.initialised))
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         Config(model=config).save(tmp / "config.yaml")
         tok.save(tmp / "tokenizer")
-        source = {"converted_from": str(hf_dir.resolve()), "architecture": arch}
         (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
+        if labels is not None:
+            (tmp / "labels.json").write_text(json.dumps({"labels": labels}, indent=1) + "\n")
         (tmp / ckpt.MARKER).write_text(json.dumps({"step": 0, "val_loss": None}))
 
     return _write_dir(out, fill)
+
+
+def _without_tied_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tied tensor once (safetensors stores no shared memory), under the name safetensors' load_model keeps
+    for the group (the first in sorted order): lm_head.weight for GPT, embeddings.wte.weight for BERT."""
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name in sorted(state):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() == 0 or key not in seen:  # empty tensors share data_ptr 0 without being tied
+            seen.add(key)
+            kept[name] = t
+    return kept
 
 
 def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -382,8 +769,13 @@ def _check_tensors(state: dict[str, torch.Tensor], config: ModelConfig, what: st
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ConversionError(f"{what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _check_shapes(state, expected, what)
+
+
+def _check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """Tensors present on both sides have the shapes the config implies."""
     for name, t in state.items():
-        if t.shape != expected[name].shape:
+        if name in expected and t.shape != expected[name].shape:
             raise ConversionError(f"{what}: {name} has shape {tuple(t.shape)}, the config implies "
                                   f"{tuple(expected[name].shape)}")
 
