@@ -280,15 +280,19 @@ def test_marian_import_logits_and_greedy_generation_match_hugging_face(tmp_path,
     sources = [tok.encode(t) for t in TEXTS]
     cfg = GenerationConfig(max_new_tokens=9, temperature=0, eos_token_id=EOS)
     ours = generate_seq2seq(lm.model, sources, cfg, start_id=decoder_start_id(tok), pad_id=tok.pad_id_or_eos)
-    for text, source, comp in zip(TEXTS, sources, ours):
+    def hf_greedy(source):
         with torch.no_grad():
             want = hf.generate(torch.tensor([source]), attention_mask=torch.ones(1, len(source), dtype=torch.long),
                                max_new_tokens=9, num_beams=1, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
                                decoder_start_token_id=PAD, forced_eos_token_id=None, bad_words_ids=None,
                                min_length=0)[0].tolist()[1:]  # without the decoder start token
-        want = want[:want.index(EOS)] if EOS in want else want
+        return want[:want.index(EOS)] if EOS in want else want
+
+    for text, source, comp in zip(TEXTS, sources, ours):
+        want = hf_greedy(source)
         assert len(want) > 2 and comp.ids == want
-        assert lm.generate(text, max_new_tokens=9, temperature=0) == tok.decode(want)  # through choicelm.load's API
+        # choicelm.load's API ends the source with EOS, as Marian's tokenizer does
+        assert lm.generate(text, max_new_tokens=9, temperature=0) == tok.decode(hf_greedy(source + [EOS]))
 
 
 def test_marian_needs_a_tokenizer_json(tmp_path, marian_tokenizer_dir, capsys):

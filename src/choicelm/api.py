@@ -78,8 +78,10 @@ class LanguageModel:
             raise ChoicelmError("generate() takes a prompt string or a list of prompt strings")
         ids = [self.tokenizer.encode(p) for p in prompts]
         if self.config.model.kind == "seq2seq":  # the prompt is the source; the output is the whole target
-            from .finetune.data import decoder_start_id
+            from .finetune.data import decoder_start_id, source_ids
             from .generation.seq2seq import generate_seq2seq
+
+            ids = [source_ids(self.tokenizer, p, self.config.model.block_size) for p in prompts]
 
             completions = generate_seq2seq(self.model, ids, cfg, start_id=decoder_start_id(self.tokenizer),
                                            pad_id=self.tokenizer.pad_id_or_eos, tokenizer=self.tokenizer)

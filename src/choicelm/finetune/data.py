@@ -158,6 +158,11 @@ def classification_ids(tokenizer, text: str, kind: str, max_len: int) -> list[in
     return tokenizer.encode(text)[:max_len - 1] + [tokenizer.eos_id]
 
 
+def source_ids(tokenizer, text: str, max_len: int) -> list[int]:
+    """An encoder-decoder's source: the text's first max_len - 1 tokens, then EOS (as Marian's tokenizer does)."""
+    return tokenizer.encode(text)[:max_len - 1] + [tokenizer.eos_id]
+
+
 def decoder_start_id(tokenizer) -> int:
     """The encoder-decoder's first decoder input: BOS, or the pad token where there is none (Marian)."""
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id_or_eos

@@ -126,12 +126,11 @@ def finetuning_inputs(cfg: Config) -> RunInputs:
         max_tgt = min(f.max_target_length or cfg.model.block_size - 1, cfg.model.block_size - 1)
 
         def dataset(path):
-            pairs = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in fd.read_pairs(path, f.source_column,
-                                                                                           f.target_column)]
+            pairs = [(fd.source_ids(tokenizer, s, max_len), tokenizer.encode(t))
+                     for s, t in fd.read_pairs(path, f.source_column, f.target_column)]
             return fd.PairExamples(fd.PairDataset(pairs, start_id=fd.decoder_start_id(tokenizer),
                                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id_or_eos,
-                                                  max_src_len=max_len, max_tgt_len=max_tgt,
-                                                  vocab_size=cfg.model.vocab_size))
+                                                  max_tgt_len=max_tgt, vocab_size=cfg.model.vocab_size))
     else:  # sft
         template = read_template(f.chat_template)
         tokenizer.chat_template = template
