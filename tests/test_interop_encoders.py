@@ -350,3 +350,26 @@ def test_marian_import_refuses_a_final_logits_bias(tmp_path, marian_tokenizer_di
     save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConversionError, match="final_logits_bias is not zero"):
         from_hf(src, tmp_path / "ck", tokenizer=marian_tokenizer_dir)
+
+
+def test_fine_tuning_starts_from_an_imported_bert(tmp_path, bert_tokenizer_dir):
+    """An imported BERT reads a classification text as transformers' tokenizer prepares it ([CLS] text [SEP])
+    and fine-tunes from the converted folder."""
+    from choicelm.config import load_config
+    from choicelm.finetune.data import classification_ids
+    from choicelm.finetune.run import finetune
+
+    _, folder = bert_dir(tmp_path, "BertModel", bert_tokenizer_dir)
+    ckpt = from_hf(folder, tmp_path / "ck")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(bert_tokenizer_dir)
+    tok = choicelm.load(ckpt).tokenizer
+    for text in TEXTS:
+        assert classification_ids(tok, text, "bert", 24) == hf_tok(text)["input_ids"]
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"\"{t}\",{'a' if i % 2 else 'b'}\n" for i, t in enumerate(TEXTS * 4)))
+    out = finetune(load_config(None, ["--finetune.task=classify", f"--finetune.init={ckpt}",
+                                      f"--finetune.train_file={train}", "--train.max_steps=2",
+                                      "--train.micro_batch_size=4", "--train.progress=false",
+                                      "--train.precision=fp32"]), tmp_path / "cls")
+    lm = choicelm.load(out)
+    assert lm.labels == ["a", "b"] and lm.classify(TEXTS[0]) in ("a", "b")
