@@ -306,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = verbs.add_parser("convert", help="convert checkpoints to and from Hugging Face (and ARPA)")
     conv = conv.add_subparsers(dest="action", required=True, metavar="{from-hf,to-hf,to-arpa}")
-    p = conv.add_parser("from-hf", help="a Hugging Face GPT2LMHeadModel, LlamaForCausalLM, Bert* (BertModel, "
-                                        "BertForMaskedLM, BertForPreTraining, BertForSequenceClassification) or "
-                                        "MarianMTModel folder -> choicelm checkpoint")
+    p = conv.add_parser("from-hf", help="a Hugging Face GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM, "
+                                        "Bert* (BertModel, BertForMaskedLM, BertForPreTraining, "
+                                        "BertForSequenceClassification) or MarianMTModel folder -> choicelm checkpoint")
     p.add_argument("src", metavar="HF_DIR", help="folder with config.json, model.safetensors (or pytorch_model.bin) "
                                                  "and tokenizer.json or vocab.json + merges.txt")
     p.add_argument("out", metavar="OUT", help="checkpoint folder to write (must not exist or be empty)")

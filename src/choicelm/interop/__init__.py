@@ -1,9 +1,9 @@
 """Hugging Face interoperability: checkpoints and tokenizers in and out.
 
     from choicelm.interop import from_hf, to_hf
-    from_hf("hf/gpt2", "ckpt/gpt2")     # GPT-2 / Llama / BERT / Marian folder -> choicelm checkpoint
+    from_hf("hf/gpt2", "ckpt/gpt2")     # GPT-2 / Llama / Mixtral / BERT / Marian folder -> choicelm checkpoint
     from_hf("hf/opus", "ckpt/opus", tokenizer="tok/")  # Marian: its SentencePiece tokenizer needs a tokenizer.json
-    to_hf("runs/x", "hf/x")             # choicelm GPT checkpoint -> folder that transformers loads
+    to_hf("runs/x", "hf/x")             # choicelm GPT (dense or token-choice MoE) -> folder transformers loads
 
 SUPPORTED lists the architectures from_hf reads, EXPORTABLE those to_hf writes.
 tiktoken_bpe converts a tiktoken BPE file (e.g. GPT-2's) into vocab.json / merges.txt.

@@ -1,6 +1,7 @@
-"""Hugging Face checkpoints in and out: GPT-2, Llama, BERT and Marian.
+"""Hugging Face checkpoints in and out: GPT-2, Llama, Mixtral, BERT and Marian.
 
     GPT2LMHeadModel, LlamaForCausalLM          <-> choicelm's GPT           (from_hf and to_hf)
+    MixtralForCausalLM                         <-> choicelm's GPT with a token-choice MoE in every block
     BertModel, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification
                                                -> choicelm's BERT          (from_hf)
     MarianMTModel                              -> choicelm's Seq2Seq       (from_hf)
@@ -29,6 +30,28 @@ choicelm's GPT already uses GPT-2's parameter names (see models/gpt.py), so the 
     model.layers.i.mlp.{gate,up,down}_proj      transformer.h.i.mlp.{gate,up,down}_proj
     model.norm                                  transformer.ln_f
     lm_head                                     lm_head (= wte when tied)
+
+Mixtral is Llama's attention and norms (no biases) with an MoE layer in every block (models/moe.py):
+
+    Mixtral (HF)                                        choicelm
+    model.layers.i.block_sparse_moe.gate                transformer.h.i.mlp.router
+    ...block_sparse_moe.experts.e.{w1,w3} [F, D]        transformer.h.i.mlp.experts.w_in[e] [D, 2F] = [w1.T | w3.T]
+    ...block_sparse_moe.experts.e.w2 [D, F]             transformer.h.i.mlp.experts.w_out[e] [F, D] = w2.T
+    (transformers 5.x in memory: mlp.gate, mlp.experts.gate_up_proj [E, 2F, D] and down_proj [E, D, F];
+     both layouts are read, the Hub's per-expert one is written, as save_pretrained does)
+
+    config.json                          choicelm moe section
+    num_local_experts                    experts            (every = 1: every block is an MoE layer)
+    intermediate_size                    expert_width       (and model.mlp_hidden)
+    num_experts_per_tok                  top_k              (router = token_choice, renormalize = true,
+    router_aux_loss_coef                 balance_loss_weight  dropless = true: Mixtral drops no token;
+                                                            z_loss_weight = 0: Mixtral has no z-loss)
+
+Mixtral's inference is reproduced exactly. A sliding_window below max_position_embeddings becomes the block size
+(within it the window masks nothing; longer inputs are refused); router_jitter_noise only perturbs training in
+transformers and is not kept (noted in source.json). to_hf writes MixtralForCausalLM for a token-choice MoE GPT
+in Llama layout with moe.every = 1, renormalize = true and no shared expert; a model trained with capacity
+dropping (dropless = false) exports too, since choicelm evaluates and generates dropless, as Mixtral does.
 
 BERT's names are models/bert.py's (`state_dict_from_hf_bert`). Which head the checkpoint gets:
 
@@ -59,14 +82,16 @@ eos_token_id and its decoder start (bos, else pad) the decoder_start_token_id. A
 eos/bos: its [SEP] becomes the end-of-text token and [CLS] the bos, so classification reads [CLS] text [SEP].
 
 Only layouts both sides compute identically are converted; anything else (another architecture,
-rope scaling, a non-tanh GELU, GPT-2 without biases, learned positions with RMSNorm, MoE, BERT with
-relative positions, Marian with swish or unscaled embeddings) is refused with a message naming the
+rope scaling, a non-tanh GELU, GPT-2 without biases, learned positions with RMSNorm, MoE other than Mixtral's
+(expert choice, every > 1, a shared expert, GELU experts), Mixtral with biases, BERT with relative positions,
+Marian with swish or unscaled embeddings) is refused with a message naming the
 field. Nothing is overwritten without overwrite=True, and the output appears complete or not at all
 (written to a temporary folder, fsynced, renamed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -80,7 +105,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from ..models import build_model
 from ..models.bert import BERT as BertEncoder, config_from_hf_bert, load_hf_bert_state, state_dict_from_hf_bert
@@ -91,14 +116,15 @@ from .tiktoken_bpe import byte_level_tokenizer, read_vocab_merges
 
 log = logging.getLogger(__name__)
 
-GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
+GPT2, LLAMA, MIXTRAL = "GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM"
 BERT_MODEL, BERT_MLM, BERT_PRETRAINING, BERT_CLASSIFIER = (
     "BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
 BERT = (BERT_MODEL, BERT_MLM, BERT_PRETRAINING, BERT_CLASSIFIER)
 MARIAN = "MarianMTModel"
-SUPPORTED = (GPT2, LLAMA, *BERT, MARIAN)  # what from_hf reads
-EXPORTABLE = (GPT2, LLAMA)                # what to_hf writes
-_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "bert": BERT_MODEL, "marian": MARIAN}
+SUPPORTED = (GPT2, LLAMA, *BERT, MARIAN, MIXTRAL)  # what from_hf reads
+EXPORTABLE = (GPT2, LLAMA, MIXTRAL)                # what to_hf writes
+_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "bert": BERT_MODEL, "marian": MARIAN, "mixtral": MIXTRAL}
+_DEFAULT_ROPE_THETA = {LLAMA: 10000.0, MIXTRAL: 1e6}  # transformers' defaults when config.json names none
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # what choicelm's MLP computes (F.gelu approximate="tanh")
 
@@ -116,15 +142,17 @@ def architecture(hf_config: dict) -> str:
     arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type", ""))
     if arch not in SUPPORTED:
         found = arch or hf_config.get("model_type") or "no architectures or model_type"
-        raise ConversionError(f"architecture {found} is not supported; choicelm converts "
-                              f"{', '.join(SUPPORTED[:-1])} and {SUPPORTED[-1]}")
+        dense = [a for a in SUPPORTED if a != MIXTRAL]
+        raise ConversionError(f"architecture {found} is not supported; choicelm converts {', '.join(dense[:-1])} "
+                              f"and {dense[-1]}, and the Mixture-of-Experts {MIXTRAL}")
     return arch
 
 
 def model_config_from_hf(hf_config: dict) -> ModelConfig:
     """The choicelm model config that computes what the Hugging Face model computes."""
     arch = architecture(hf_config)
-    build = {GPT2: _gpt2_config, LLAMA: _llama_config, MARIAN: _marian_config}.get(arch, _bert_config)
+    build = {GPT2: _gpt2_config, LLAMA: _llama_config, MIXTRAL: _mixtral_config,
+             MARIAN: _marian_config}.get(arch, _bert_config)
     try:
         return build(hf_config, arch)
     except ConversionError:
@@ -160,33 +188,83 @@ def _gpt2_config(c: dict, arch: str) -> ModelConfig:
 
 
 def _llama_config(c: dict, arch: str) -> ModelConfig:
+    """Llama's layout; Mixtral's attention and norms too (arch names the family in messages and picks the
+    default rope_theta)."""
     _require(c, arch, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    family = "Mixtral" if arch == MIXTRAL else "Llama"
     act = c.get("hidden_act", "silu")
     if act != "silu":
-        raise ConversionError(f"Llama hidden_act={act!r} is not supported; choicelm's SwiGLU uses silu")
+        raise ConversionError(f"{family} hidden_act={act!r} is not supported; choicelm's SwiGLU uses silu")
     attention_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
     if attention_bias != mlp_bias:
-        raise ConversionError(f"Llama with attention_bias={attention_bias} but mlp_bias={mlp_bias} is not "
+        raise ConversionError(f"{family} with attention_bias={attention_bias} but mlp_bias={mlp_bias} is not "
                               f"supported; choicelm has one bias switch for both")
     if c.get("pretraining_tp", 1) != 1:
-        raise ConversionError(f"Llama pretraining_tp={c['pretraining_tp']} is not supported; only 1")
+        raise ConversionError(f"{family} pretraining_tp={c['pretraining_tp']} is not supported; only 1")
     n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
     head_dim = c.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
-        raise ConversionError(f"Llama head_dim={head_dim} x {n_head} heads != hidden_size={n_embd} is not "
+        raise ConversionError(f"{family} head_dim={head_dim} x {n_head} heads != hidden_size={n_embd} is not "
                               f"supported; choicelm's head size is n_embd / n_head")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ConversionError(f"Llama rope type {rope_type!r} is not supported; choicelm implements plain rotary "
+        raise ConversionError(f"{family} rope type {rope_type!r} is not supported; choicelm implements plain rotary "
                               f"positions (rope_type default) with any rope_theta")
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", c.get("rope_theta", _DEFAULT_ROPE_THETA[arch]))
     return ModelConfig(kind="gpt", vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 2048),
                        n_layer=c["num_hidden_layers"], n_head=n_head,
                        n_kv_head=c.get("num_key_value_heads") or n_head, n_embd=n_embd,
                        mlp_hidden=c["intermediate_size"], norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6),
                        mlp="swiglu", pos="rope", rope_theta=float(theta), bias=bool(attention_bias),
                        tie_embeddings=c.get("tie_word_embeddings", False), dropout=0.0)
+
+
+def _mixtral_config(c: dict, arch: str) -> ModelConfig:
+    """Llama's layout without biases (the moe section comes from moe_config_from_hf). A sliding window below
+    max_position_embeddings becomes the block size: within it the window masks nothing, so choicelm is exact
+    for every input it accepts."""
+    _require(c, arch, "num_local_experts", "num_experts_per_tok")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise ConversionError(f"Mixtral with {key}=true is not supported; Mixtral's attention and experts have "
+                                  f"no biases (transformers ignores the setting, so the weights cannot be trusted)")
+    config = _llama_config(c, arch)
+    window = c.get("sliding_window")
+    if window is not None and window < config.block_size:
+        config = dataclasses.replace(config, block_size=window)
+    return config
+
+
+def moe_config_from_hf(hf_config: dict) -> MoEConfig | None:
+    """The choicelm moe section that routes as the Hugging Face model does (Mixtral: token choice, top-k
+    renormalised, dropless, every block), or None for a dense architecture."""
+    if architecture(hf_config) != MIXTRAL:
+        return None
+    c = hf_config
+    _require(c, MIXTRAL, "num_local_experts", "num_experts_per_tok", "intermediate_size")
+    try:
+        return MoEConfig(experts=c["num_local_experts"], every=1, expert_width=c["intermediate_size"],
+                         router="token_choice", top_k=c["num_experts_per_tok"], renormalize=True, dropless=True,
+                         balance_loss_weight=float(c.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0)
+    except ChoicelmError as e:  # MoEConfig's own checks (top_k > experts, experts = 1)
+        raise ConversionError(f"{MIXTRAL} config.json cannot be converted: {e}") from None
+
+
+def conversion_notes(hf_config: dict, config: ModelConfig) -> list[str]:
+    """What a conversion changed without changing the model's outputs, for source.json and the log."""
+    if architecture(hf_config) != MIXTRAL:
+        return []
+    notes = []
+    window, positions = hf_config.get("sliding_window"), hf_config.get("max_position_embeddings")
+    if window is not None and config.block_size == window and (positions is None or window < positions):
+        notes.append(f"block_size is sliding_window={window}, not max_position_embeddings={positions}: within "
+                     f"{window} positions the sliding window masks nothing (exact); longer inputs are refused")
+    jitter = hf_config.get("router_jitter_noise") or 0.0
+    if jitter > 0:
+        notes.append(f"router_jitter_noise={jitter} is not kept: transformers applies it only in training; "
+                     f"choicelm routes (and fine-tunes) without noise")
+    return notes
 
 
 def _bert_config(c: dict, arch: str) -> ModelConfig:
@@ -249,14 +327,17 @@ def hf_labels(hf_config: dict, n_labels: int) -> list[str]:
     return [str(id2label[str(i)]) for i in range(n_labels)]
 
 
-def hf_architecture_for(config: ModelConfig, moe=None) -> str:
+def hf_architecture_for(config: ModelConfig, moe: MoEConfig | None = None) -> str:
     """The Hugging Face class that computes what this choicelm model computes (moe: the run's moe
     config section, if any), or a ConversionError."""
-    if config.kind != "gpt" or (moe is not None and getattr(moe, "experts", 0)):
-        what = f"model.kind={config.kind}" if config.kind != "gpt" else \
-            f"a Mixture-of-Experts model (moe.experts={moe.experts}, router {getattr(moe, 'router', '?')})"
-        raise ConversionError(f"{what} has no Hugging Face equivalent; only dense GPT models convert "
-                              f"(to {' or '.join(EXPORTABLE)})")
+    if config.kind != "gpt":
+        raise ConversionError(f"model.kind={config.kind} has no Hugging Face equivalent; only GPT models convert "
+                              f"(dense to {GPT2} or {LLAMA}, Mixture-of-Experts to {MIXTRAL})")
+    if config.n_labels:
+        raise ConversionError("a classifier (model.n_labels > 0) has no Hugging Face export yet: its head would be "
+                              "lost; use the checkpoint with choicelm.load(...).classify")
+    if moe is not None and moe.enabled:
+        return _mixtral_or_refuse(config, moe)
     layout = (config.norm, config.mlp, config.pos)
     if layout == ("layernorm", "gelu", "learned") and config.bias and config.kv_heads == config.n_head:
         return GPT2
@@ -268,9 +349,37 @@ def hf_architecture_for(config: ModelConfig, moe=None) -> str:
         f"pos=learned, bias=true, n_kv_head=0, and {LLAMA} needs norm=rmsnorm, mlp=swiglu, pos=rope")
 
 
-def hf_config_from_model(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict:
-    """config.json for the model (special-token ids from the tokenizer)."""
-    arch = hf_architecture_for(config)
+def _mixtral_or_refuse(config: ModelConfig, moe: MoEConfig) -> str:
+    """MIXTRAL when the MoE GPT computes what Mixtral computes; else one message naming every setting that
+    differs. moe.dropless is not required: choicelm evaluates and generates token choice dropless, as Mixtral
+    does, and the capacity limit of training has no counterpart in the exported model."""
+    wrong = []
+    layout = (config.norm, config.mlp, config.pos)
+    if layout != ("rmsnorm", "swiglu", "rope"):
+        wrong.append(f"norm=rmsnorm, mlp=swiglu, pos=rope (got {', '.join(layout)}; SwiGLU experts)")
+    if config.bias:
+        wrong.append("model.bias=false")
+    if moe.router != "token_choice":
+        wrong.append(f"moe.router=token_choice (got {moe.router})")
+    if moe.every != 1:
+        wrong.append(f"moe.every=1 (got {moe.every})")
+    if not moe.renormalize:
+        wrong.append("moe.renormalize=true")
+    if moe.shared_expert:
+        wrong.append("moe.shared_expert=false")
+    if config.n_labels:
+        wrong.append(f"model.n_labels=0 (got a {config.n_labels}-class classifier)")
+    if wrong:
+        raise ConversionError(f"a Mixture-of-Experts model (moe.experts={moe.experts}, moe.router={moe.router}) has "
+                              f"no Hugging Face equivalent unless it is Mixtral's: {MIXTRAL} needs "
+                              f"{'; '.join(wrong)}")
+    return MIXTRAL
+
+
+def hf_config_from_model(config: ModelConfig, tokenizer: Tokenizer | None = None,
+                         moe: MoEConfig | None = None) -> dict:
+    """config.json for the model (special-token ids from the tokenizer; moe: the run's moe section)."""
+    arch = hf_architecture_for(config, moe)
     ids = {"bos_token_id": tokenizer.bos_id if tokenizer else None,
            "eos_token_id": tokenizer.eos_id if tokenizer else None,
            "pad_token_id": tokenizer.pad_id if tokenizer else None}
@@ -284,13 +393,18 @@ def hf_config_from_model(config: ModelConfig, tokenizer: Tokenizer | None = None
                 "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False}
-    return {**common, "model_type": "llama", "hidden_size": config.n_embd, "intermediate_size": config.hidden_size,
-            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-            "attention_bias": config.bias, "mlp_bias": config.bias, "attention_dropout": config.dropout,
-            "pretraining_tp": 1}
+    attention = {"hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+                 "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads,
+                 "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.block_size,
+                 "rms_norm_eps": config.norm_eps, "attention_dropout": config.dropout,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+                 "rope_theta": config.rope_theta}  # transformers 4.x reads rope_theta, 5.x rope_parameters
+    if arch == LLAMA:
+        return {**common, **attention, "model_type": "llama", "intermediate_size": config.hidden_size,
+                "attention_bias": config.bias, "mlp_bias": config.bias, "pretraining_tp": 1}
+    return {**common, **attention, "model_type": "mixtral", "intermediate_size": moe.expert_width or config.hidden_size,
+            "num_local_experts": moe.experts, "num_experts_per_tok": moe.top_k, "sliding_window": None,
+            "router_aux_loss_coef": moe.balance_loss_weight, "router_jitter_noise": 0.0, "output_router_logits": False}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -350,8 +464,11 @@ def _gpt_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str
             for kind in kinds:
                 out[q + f"attn.c_attn.{kind}"] = torch.cat([take(p + f"self_attn.{n}_proj.{kind}") for n in "qkv"])
                 out[q + f"attn.c_proj.{kind}"] = take(p + f"self_attn.o_proj.{kind}")
-                for n in ("gate_proj", "up_proj", "down_proj"):
-                    out[q + f"mlp.{n}.{kind}"] = take(p + f"mlp.{n}.{kind}")
+                if arch == LLAMA:
+                    for n in ("gate_proj", "up_proj", "down_proj"):
+                        out[q + f"mlp.{n}.{kind}"] = take(p + f"mlp.{n}.{kind}")
+            if arch == MIXTRAL:
+                out.update(_mixtral_experts_from_hf(hf_state, take, p, q + "mlp."))
             hf_state.pop(p + "self_attn.rotary_emb.inv_freq", None)  # a buffer in old checkpoints
 
     head = hf_state.pop("lm_head.weight", None)
@@ -364,6 +481,33 @@ def _gpt_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str
     if hf_state:
         raise ConversionError(f"the weights hold tensors a {arch} with this config.json does not have: "
                               f"{sorted(hf_state)[:5]}; the config and weights do not match")
+    return out
+
+
+def _mixtral_experts_from_hf(hf_state: dict[str, torch.Tensor], take, p: str, q: str) -> dict[str, torch.Tensor]:
+    """One Mixtral layer's router and experts (prefix p) as choicelm's MoE tensors (prefix q), from the Hub's
+    per-expert layout (block_sparse_moe.experts.e.w1/w2/w3) or transformers 5.x's stacked one (mlp.experts.*)."""
+    if p + "mlp.experts.gate_up_proj" in hf_state:  # stacked: [E, 2F, D] rows [gate | up], and [E, D, F]
+        return {q + "router.weight": take(p + "mlp.gate.weight"),
+                q + "experts.w_in": take(p + "mlp.experts.gate_up_proj").transpose(1, 2).contiguous(),
+                q + "experts.w_out": take(p + "mlp.experts.down_proj").transpose(1, 2).contiguous()}
+    router_ED = take(p + "block_sparse_moe.gate.weight")
+    experts = [f"{p}block_sparse_moe.experts.{e}." for e in range(router_ED.shape[0])]
+    w_in_EDF2 = torch.stack([torch.cat([take(x + "w1.weight").t(), take(x + "w3.weight").t()], dim=1)
+                             for x in experts])  # w1 = gate, w3 = up: [gate | up] as in models/moe.py
+    w_out_EFD = torch.stack([take(x + "w2.weight").t() for x in experts])
+    return {q + "router.weight": router_ED, q + "experts.w_in": w_in_EDF2, q + "experts.w_out": w_out_EFD}
+
+
+def _mixtral_experts_to_hf(state: dict[str, torch.Tensor], q: str, p: str) -> dict[str, torch.Tensor]:
+    """choicelm's MoE tensors (prefix q) as one Mixtral layer in the Hub's per-expert layout (prefix p)."""
+    w_in_EDF2, w_out_EFD = state[q + "experts.w_in"], state[q + "experts.w_out"]
+    gate_EDF, up_EDF = w_in_EDF2.chunk(2, dim=-1)
+    out = {p + "block_sparse_moe.gate.weight": state[q + "router.weight"]}
+    for e in range(w_in_EDF2.shape[0]):
+        x = f"{p}block_sparse_moe.experts.{e}."
+        out[x + "w1.weight"], out[x + "w3.weight"] = gate_EDF[e].t(), up_EDF[e].t()
+        out[x + "w2.weight"] = w_out_EFD[e].t()
     return out
 
 
@@ -510,8 +654,11 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig, arch: 
                 for n, t in zip("qkv", state[q + f"attn.c_attn.{kind}"].split((H * Q, K * Q, K * Q))):
                     out[p + f"self_attn.{n}_proj.{kind}"] = t
                 out[p + f"self_attn.o_proj.{kind}"] = state[q + f"attn.c_proj.{kind}"]
-                for n in ("gate_proj", "up_proj", "down_proj"):
-                    out[p + f"mlp.{n}.{kind}"] = state[q + f"mlp.{n}.{kind}"]
+                if arch == LLAMA:
+                    for n in ("gate_proj", "up_proj", "down_proj"):
+                        out[p + f"mlp.{n}.{kind}"] = state[q + f"mlp.{n}.{kind}"]
+            if arch == MIXTRAL:
+                out.update(_mixtral_experts_to_hf(state, q + "mlp.", p))
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return {name: t.detach().contiguous() for name, t in out.items()}
@@ -649,6 +796,7 @@ class HFImport:
     arch: str
     hf_config: dict
     converted: Converted
+    moe: MoEConfig | None = None  # the moe section of an MoE architecture (Mixtral)
 
 
 def read_hf(hf_dir: str | os.PathLike) -> HFImport:
@@ -658,13 +806,15 @@ def read_hf(hf_dir: str | os.PathLike) -> HFImport:
     hf_config = _read_json(hf_dir / "config.json", "a Hugging Face model folder needs config.json")
     arch = architecture(hf_config)
     config = model_config_from_hf(hf_config)
+    moe = moe_config_from_hf(hf_config)
     converted = convert_state(read_hf_weights(hf_dir), config, arch)
-    _check_tensors(converted.state, config, f"the weights in {hf_dir} do not match its config.json ({arch})")
-    return HFImport(config, arch, hf_config, converted)
+    _check_tensors(converted.state, config, f"the weights in {hf_dir} do not match its config.json ({arch})", moe)
+    return HFImport(config, arch, hf_config, converted, moe)
 
 
 def read_hf_model(hf_dir: str | os.PathLike) -> tuple[ModelConfig, str, dict[str, torch.Tensor]]:
-    """(choicelm model config, HF architecture, every choicelm tensor by name) of a Hugging Face folder."""
+    """(choicelm model config, HF architecture, every choicelm tensor by name) of a Hugging Face folder.
+    An MoE architecture's moe section is in read_hf(hf_dir).moe."""
     imported = read_hf(hf_dir)
     return imported.config, imported.arch, imported.converted.state
 
@@ -672,15 +822,15 @@ def read_hf_model(hf_dir: str | os.PathLike) -> tuple[ModelConfig, str, dict[str
 def load_hf_model(hf_dir: str | os.PathLike) -> torch.nn.Module:
     """The Hugging Face model in `hf_dir` as a choicelm model (GPT, BERT or Seq2Seq; fp32, eval mode), without
     writing anything."""
-    config, _, state = read_hf_model(hf_dir)
-    model = build_model(config)
-    model.load_state_dict(state, strict=True)
+    imported = read_hf(hf_dir)
+    model = build_model(imported.config, imported.moe)
+    model.load_state_dict(imported.converted.state, strict=True)
     return model.eval()
 
 
 def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
             overwrite: bool = False) -> Path:
-    """Convert a Hugging Face folder (GPT-2, Llama, BERT or Marian: see SUPPORTED) into a choicelm checkpoint
+    """Convert a Hugging Face folder (GPT-2, Llama, Mixtral, BERT or Marian: see SUPPORTED) into a choicelm checkpoint
     folder `out` (model.safetensors, config.yaml, tokenizer/, source.json, COMPLETE, and labels.json for a
     classifier) that `choicelm.load(out)` reads. tokenizer: a folder to take the tokenizer from instead of
     hf_dir (needed for Marian, whose SentencePiece tokenizer choicelm cannot read). Weights are stored in fp32."""
@@ -694,6 +844,11 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | 
     labels = hf_labels(imported.hf_config, config.n_labels) if config.n_labels else None
     tensors = {name: t.to(torch.float32).contiguous() for name, t in _without_tied_copies(converted.state).items()}
     source = {"converted_from": str(hf_dir.resolve()), "architecture": imported.arch}
+    notes = conversion_notes(imported.hf_config, config)
+    for note in notes:
+        log.warning("%s: %s", imported.arch, note)
+    if notes:
+        source["notes"] = notes
     if converted.dropped:
         source["dropped"] = converted.dropped
     if converted.initialised:
@@ -703,7 +858,7 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | 
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        Config(model=config).save(tmp / "config.yaml")
+        Config(model=config, moe=imported.moe or MoEConfig()).save(tmp / "config.yaml")
         tok.save(tmp / "tokenizer")
         (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
         if labels is not None:
@@ -734,8 +889,8 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool
     step_dir = ckpt.resolve_checkpoint(checkpoint)
     out = _check_out(out, overwrite, sources=[Path(checkpoint), step_dir])
     run_config = _read_config(step_dir)
-    config = run_config.model
-    arch = hf_architecture_for(config, getattr(run_config, "moe", None))  # refuse before reading any weights
+    config, moe = run_config.model, run_config.moe
+    arch = hf_architecture_for(config, moe)  # refuse before reading any weights
     weights = step_dir / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -745,10 +900,10 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         shared = state.get("lm_head.weight", state.get("transformer.wte.weight"))
         if shared is not None:
             state["lm_head.weight"] = state["transformer.wte.weight"] = shared
-    _check_tensors(state, config, f"the weights {weights} do not match {step_dir / 'config.yaml'}")
+    _check_tensors(state, config, f"the weights {weights} do not match {step_dir / 'config.yaml'}", moe)
     tokenizer = Tokenizer.load(step_dir / "tokenizer")
     tensors = state_dict_to_hf(state, config, arch)
-    hf_config = hf_config_from_model(config, tokenizer)
+    hf_config = hf_config_from_model(config, tokenizer, moe)
     generation = {k: v for k, v in hf_config.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   and v is not None}
 
@@ -761,11 +916,12 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool
     return _write_dir(out, fill)
 
 
-def _check_tensors(state: dict[str, torch.Tensor], config: ModelConfig, what: str) -> None:
-    """Every parameter of the model `config` describes, with its shape, and nothing else. The model is
-    built on the meta device: names and shapes without allocating or initialising anything."""
+def _check_tensors(state: dict[str, torch.Tensor], config: ModelConfig, what: str,
+                   moe: MoEConfig | None = None) -> None:
+    """Every parameter of the model `config` (and `moe`) describes, with its shape, and nothing else. The model
+    is built on the meta device: names and shapes without allocating or initialising anything."""
     with torch.device("meta"):
-        expected = build_model(config).state_dict()
+        expected = build_model(config, moe).state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ConversionError(f"{what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
