@@ -128,9 +128,11 @@ def test_bert_import_matches_hugging_face(tmp_path, bert_tokenizer_dir, arch, ti
     reference = ref.logits if arch == "BertForMaskedLM" else ref.prediction_logits
     assert reference.abs().max() > 1.0  # not a trivial comparison
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
-    if arch == "BertForPreTraining":  # the pooler and next-sentence head have no place in a masked-LM model
-        assert source["dropped"] == ["cls.seq_relationship.bias", "cls.seq_relationship.weight",
-                                     "bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    if arch == "BertForPreTraining":  # with its pooler and next-sentence head
+        assert lm.config.model.nsp and "dropped" not in source
+        with torch.no_grad():
+            nsp = lm.model(ids_BT, attention_mask_BT=mask_BT, token_type_ids_BT=tt_BT).nsp_logits
+        torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-5, rtol=0)
     else:
         assert "dropped" not in source and "initialised" not in source
 

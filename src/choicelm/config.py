@@ -74,6 +74,10 @@ class ModelConfig:
                                 "(own source embedding); 0 = one vocabulary and embedding shared by both")
     type_vocab_size: int = _f(2, "bert: token-type (segment) embedding rows")
     n_labels: int = _f(0, "bert, gpt: classes of a sequence-classification head; 0 = a language model (no classifier)")
+    nsp: bool = _f(False, "bert: also pretrain with next-sentence prediction (BERT's NSP): each masked-LM window is "
+                          "split at a random point into segments A and B (token types 0 and 1), and half the time B is "
+                          "replaced by a slice of another window of the batch; adds a pooler and a 2-way head; needs "
+                          "type_vocab_size >= 2 and n_labels=0")
 
     def __post_init__(self) -> None:
         s = "model"
@@ -93,6 +97,15 @@ class ModelConfig:
             raise ConfigError(f"model.n_labels={self.n_labels}: use 0 for a language model or >= 2 classes")
         if self.n_labels and self.kind not in ("bert", "gpt"):
             raise ConfigError(f"model.n_labels={self.n_labels}: only bert and gpt models have a classification head")
+        if self.nsp and self.kind != "bert":
+            raise ConfigError(f"model.nsp=true (next-sentence prediction) is a bert pretraining task; model.kind="
+                              f"{self.kind} has none, so set model.nsp=false")
+        if self.nsp and self.n_labels:
+            raise ConfigError("model.nsp=true is for masked-LM pretraining and a classifier (model.n_labels > 0) has "
+                              "no pretraining heads; set model.nsp=false to fine-tune a classifier")
+        if self.nsp and self.type_vocab_size < 2:
+            raise ConfigError(f"model.nsp=true marks segment B with token type 1, so it needs model.type_vocab_size "
+                              f">= 2 (got {self.type_vocab_size})")
         if self.kind in ("lstm", "ngram"):
             if not 0.0 <= self.dropout < 1.0:
                 raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")

@@ -41,9 +41,11 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
     loss = loss_sum / count
     result = {"split": split, "tokens": count, "loss": loss, "ppl": math.exp(loss)}
     if mlm:  # not comparable with next-token perplexity, unigram or bits per byte: say so and stop here
-        result["objective"] = "mlm"
+        result["objective"] = "mlm+nsp" if lm.config.model.nsp else "mlm"
         result["note"] = ("masked-LM loss and perplexity over the masked tokens only (BERT masking: 15% of tokens, "
-                          "80/10/10; masks seeded by train.seed and each window's tokens), not next-token perplexity")
+                          "80/10/10; masks seeded by train.seed and each window's tokens), not next-token perplexity"
+                          + ("; the loss adds the mean next-sentence loss, as the training run's val_loss does"
+                             if lm.config.model.nsp else ""))
         return result
     if getattr(lm.model, "moe_config", None) is not None:  # say which MoE routing produced the number
         result["routing"] = lm.model.current_routing()
@@ -65,7 +67,7 @@ def masked_lm_objective(lm):
     if lm.config.model.n_labels:
         raise ChoicelmError("this encoder is a classifier (model.n_labels > 0): it has no masked-LM loss to report; "
                             "evaluate the pretrained (masked-LM) checkpoint, or score the classifier on labelled data")
-    return MaskedLM(MLMMasker.from_tokenizer(lm.tokenizer), lm.config.train.seed)
+    return MaskedLM(MLMMasker.from_tokenizer(lm.tokenizer), lm.config.train.seed, nsp=lm.config.model.nsp)
 
 
 def ngram_perplexity(lm, data: TokenDataset) -> dict:

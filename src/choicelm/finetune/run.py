@@ -89,6 +89,9 @@ def finetuning_inputs(cfg: Config) -> RunInputs:
         raise ChoicelmError(f"no task: pass --task {' | '.join(fd.TASKS)}")
     if not f.train_file:
         raise ChoicelmError("no training examples: pass --train FILE")
+    if f.init and f.tokenizer:
+        raise ChoicelmError("--tokenizer is for a fresh model; a --from checkpoint brings its own tokenizer, so drop "
+                            "one of them")
     step_dir, base = base_checkpoint(cfg)
     if step_dir is None:
         if not f.tokenizer:

@@ -56,7 +56,7 @@ dropping (dropless = false) exports too, since choicelm evaluates and generates 
 BERT's names are models/bert.py's (`state_dict_from_hf_bert`). Which head the checkpoint gets:
 
     BertForMaskedLM                 masked-LM model (n_labels = 0): encoder + MLM head
-    BertForPreTraining              the same; its pooler and next-sentence head are dropped (listed in source.json)
+    BertForPreTraining              the same with next-sentence prediction (model.nsp): pooler and NSP head kept
     BertForSequenceClassification   classifier (n_labels = num_labels): encoder + pooler + classifier, and
                                     labels.json {"labels": [...]} from config.json's id2label (index = class id)
     BertModel                       masked-LM model whose MLM head is freshly initialised (a BertModel has none)
@@ -285,7 +285,8 @@ def _bert_config(c: dict, arch: str) -> ModelConfig:
         if n_labels < 2:
             raise ConversionError(f"BERT num_labels={n_labels} (regression) is not supported; choicelm's classifier "
                                   f"needs at least 2 classes")
-    return config_from_hf_bert(c, n_labels=n_labels)
+    config = config_from_hf_bert(c, n_labels=n_labels)
+    return dataclasses.replace(config, nsp=True) if arch == "BertForPreTraining" else config
 
 
 def _marian_config(c: dict, arch: str) -> ModelConfig:
@@ -514,14 +515,14 @@ def _mixtral_experts_to_hf(state: dict[str, torch.Tensor], q: str, p: str) -> di
 _BERT_MLM_HEAD = ("mlm_head.", "lm_head.")
 _BERT_NSP_HEAD = "cls.seq_relationship."
 _BERT_HEAD_SOURCES = {"pooler": "pooler.", "mlm_head": "cls.predictions.", "lm_head": "cls.predictions.",
-                      "classifier": "classifier."}  # choicelm head -> HF name prefix (after "bert.")
+                      "classifier": "classifier.", "nsp_head": _BERT_NSP_HEAD}  # choicelm head -> HF name prefix (after "bert.")
 
 
 def _bert_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> Converted:
     """models/bert.py's name map, run through a real model so that a head the source lacks (only a BertModel's
     MLM head may be) gets BERT's initialisation, the same for every conversion (seed 0)."""
-    dropped = sorted(n for n in hf_state if n.removeprefix("bert.").startswith(_BERT_NSP_HEAD))
-    hf_state = {n: t for n, t in hf_state.items() if n not in dropped}  # next-sentence head: choicelm has none
+    dropped = [] if config.nsp else sorted(n for n in hf_state if n.removeprefix("bert.").startswith(_BERT_NSP_HEAD))
+    hf_state = {n: t for n, t in hf_state.items() if n not in dropped}  # a next-sentence head without a place
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = BertEncoder(config)

@@ -29,7 +29,5 @@ def build_model(config: ModelConfig, moe: MoEConfig | None = None) -> nn.Module:
             raise ChoicelmError("model.kind=seq2seq has no Mixture-of-Experts layers yet; set --moe.experts=0")
         return Seq2Seq(config)
     if config.kind == "bert":
-        if moe is not None and moe.experts:
-            raise ChoicelmError("model.kind=bert has no Mixture-of-Experts layers yet; set --moe.experts=0")
-        return BERT(config)
+        return BERT(config, moe)
     raise ChoicelmError(f"model.kind={config.kind!r} is not a known model family; choose gpt, bert, lstm or seq2seq")

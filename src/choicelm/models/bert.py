@@ -5,11 +5,25 @@
                  and never looks at padding (attention_mask_BT)
     mlm head     dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias
     classifier   pooler (dense + tanh on the first token, BERT's [CLS]), dropout, linear to n_labels
+    nsp head     (model.nsp) the pooler and a 2-way linear layer: next-sentence prediction, as BertForPreTraining
 
 A model has the heads it trains, as Hugging Face's classes do: a masked-LM model (n_labels = 0, like
-BertForMaskedLM) the MLM head and no pooler; a classifier (n_labels >= 2, like BertForSequenceClassification)
-the pooler and classifier and no MLM head. So every parameter gets a gradient (DDP needs that), and
-`add_classifier` turns a pretrained masked-LM model into a classifier for fine-tuning.
+BertForMaskedLM) the MLM head and no pooler; with model.nsp (like BertForPreTraining) also the pooler and the
+next-sentence head; a classifier (n_labels >= 2, like BertForSequenceClassification) the pooler and classifier
+and no MLM head. So every parameter gets a gradient (DDP needs that), and `add_classifier` turns a pretrained
+masked-LM model into a classifier for fine-tuning (keeping an NSP model's pretrained pooler, as from_pretrained
+does from a BertForPreTraining checkpoint).
+
+Next-sentence prediction: the inputs are sentence pairs (data/mlm.py: next_sentence_pairs), segment B marked
+by token type 1; label 0 = B follows A, 1 = B is random. The loss is the MLM loss plus the NSP cross-entropy,
+weighted so that it adds Hugging Face's mean NSP loss to the mean MLM loss (see `_nsp_term`).
+
+Mixture of Experts (build with a MoEConfig of experts > 0): every moe.every-th block's MLP is models/moe.py's
+MoE layer, numbered as in GPT (blocks every-1, 2*every-1, ...). An encoder has no future to leak, so expert
+choice routes by true top-k in training and evaluation alike (no moe.allow_noncausal_training needed); token
+choice keeps its own rules (capacity in training, dropless in evaluation). Padding is never routed. Aux losses
+and routing statistics come back in the output exactly as GPT's, so the training loop logs them unchanged.
+The experts are GPT's expert layout (no biases; the tanh GELU), not BertMLP.
 
 The attention and MLP are layers.py's, so the math is GPT's; the MLP's GELU is the exact (erf) one,
 as BERT's `hidden_act="gelu"`. Parameter names and Hugging Face BERT's (see `state_dict_from_hf_bert`):
@@ -27,23 +41,28 @@ as BERT's `hidden_act="gelu"`. Parameter names and Hugging Face BERT's (see `sta
     mlm_head.dense / mlm_head.ln    cls.predictions.transform.dense / .LayerNorm             (masked-LM model)
     lm_head.weight / lm_head.bias   cls.predictions.decoder.weight (= wte when tied) / cls.predictions.decoder.bias
                                     (= cls.predictions.bias)                                 (masked-LM model)
-    pooler                          bert.pooler.dense                                        (classifier)
+    pooler.{weight,bias}            bert.pooler.dense.{weight,bias}                          (classifier, nsp)
+    nsp_head.{weight,bias}          cls.seq_relationship.{weight,bias}   [2, D] / [2]         (nsp)
     classifier                      classifier                                               (classifier)
+    h.{i}.mlp.router / .experts.*   (MoE blocks: models/moe.py's names; no Hugging Face counterpart)
 
 (HF's `encoder.layer.{i}` prefix is `h.{i}` here; a bare BertModel has no `bert.` prefix.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from .layers import IGNORE_INDEX, MLP, ModelOutput, SelfAttention, cross_entropy, make_norm
+from .moe import CAUSAL_RULES, RULES, MoE
 
 
 class BertMLP(MLP):
@@ -69,6 +88,40 @@ class EncoderBlock(nn.Module):
         return x_BTD
 
 
+class MoEEncoderBlock(EncoderBlock):
+    """A post-norm block whose MLP is a Mixture-of-Experts layer (as GPT's MoEBlock). forward also takes the
+    routing rule, and puts the layer's MoEOutput (aux loss, stats) into `outputs[layer]`; padding (False in
+    key_padding_mask) is never routed."""
+
+    def __init__(self, config: ModelConfig, moe: MoEConfig, layer: int):
+        super().__init__(config)
+        self.mlp = MoE(config, moe)
+        self.layer = layer
+
+    def forward(self, x_BTD: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *, rule: str | None = None,
+                record: bool = False, outputs: dict | None = None) -> torch.Tensor:
+        x_BTD = self.ln_1(x_BTD + self.attn(x_BTD, key_padding_mask=key_padding_mask))
+        out = self.mlp(x_BTD, valid_BT=key_padding_mask, rule=rule, record=record)
+        if outputs is not None:
+            outputs[self.layer] = out
+        return self.ln_2(x_BTD + out.y_BTD)
+
+
+@dataclass
+class PreTrainingOutput(ModelOutput):
+    """Output of an encoder with next-sentence prediction (model.nsp), like Hugging Face's BertForPreTrainingOutput:
+    logits are the MLM prediction logits (or None), loss the MLM loss plus the weighted NSP loss.
+
+    nsp_logits: [B, 2] next-sentence logits (HF's seq_relationship_logits; column 1 = "B is random").
+    mlm_loss:   the masked-LM cross-entropy alone, in the forward's loss_reduction.
+    nsp_loss:   the NSP cross-entropy alone over the labelled rows ("mean" or "sum"), before weighting.
+    """
+
+    nsp_logits: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+
+
 class MLMHead(nn.Module):
     """BERT's prediction-head transform: LayerNorm(gelu(dense(h))). The decoder is the model's lm_head."""
 
@@ -82,16 +135,24 @@ class MLMHead(nn.Module):
 
 
 class BERT(nn.Module):
-    """Encoder. forward(idx_BT, targets_BT=None, *, attention_mask_BT, token_type_ids_BT, labels_B) -> ModelOutput.
+    """Encoder. forward(idx_BT, targets_BT=None, *, attention_mask_BT, token_type_ids_BT, labels_B, nsp_labels_B)
+    -> ModelOutput.
 
     A masked-LM model (config.n_labels == 0) returns MLM logits [B, T, V] and, given targets_BT (the original
-    ids at masked positions, -100 elsewhere), their cross-entropy. A classifier (n_labels >= 2) returns
+    ids at masked positions, -100 elsewhere), their cross-entropy; with model.nsp a PreTrainingOutput that adds
+    the next-sentence logits and, given nsp_labels_B, the NSP loss. A classifier (n_labels >= 2) returns
     class logits [B, n_labels] and, given labels_B, their cross-entropy. `encode` gives the hidden states.
+
+    With moe (a MoEConfig with experts > 0), every moe.every-th block's MLP is an MoE layer; `routing` picks its
+    rule (None = the default: true top-k for expert choice, in train and eval mode alike); see set_routing().
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, moe: MoEConfig | None = None):
         super().__init__()
         self.config = config
+        self.moe_config = moe if moe is not None and moe.enabled else None
+        self.routing: str | None = None
+        self.record_routing = False  # True: stats["moe"][layer]["assignment"] holds each token's experts [B, T, E]
         D = config.n_embd
         self.embeddings = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, D),
@@ -100,8 +161,10 @@ class BERT(nn.Module):
             ln=make_norm(config),
             drop=nn.Dropout(config.dropout),
         ))
-        self.h = nn.ModuleList([EncoderBlock(config) for _ in range(config.n_layer)])
-        self.mlm_head = self.lm_head = self.pooler = self.classifier = None
+        moe_layers = self._moe_block_indices(config, self.moe_config)
+        self.h = nn.ModuleList([MoEEncoderBlock(config, moe, i) if i in moe_layers else EncoderBlock(config)
+                                for i in range(config.n_layer)])
+        self.mlm_head = self.lm_head = self.pooler = self.nsp_head = self.classifier = None
         if config.n_labels:
             self._make_classifier(config.n_labels)
         else:
@@ -109,8 +172,26 @@ class BERT(nn.Module):
             self.lm_head = nn.Linear(D, config.vocab_size)  # its bias is BERT's cls.predictions.bias
             if config.tie_embeddings:
                 self.lm_head.weight = self.embeddings.wte.weight
+            if config.nsp:  # BertForPreTraining's own pooler and seq_relationship
+                self.pooler = nn.Linear(D, D)
+                self.nsp_head = nn.Linear(D, 2)
         self.cls_drop = nn.Dropout(config.dropout)
         self.reset_parameters()
+
+    @staticmethod
+    def _moe_block_indices(config: ModelConfig, moe: MoEConfig | None) -> list[int]:
+        """The blocks whose MLP is an MoE layer, numbered as GPT's: every moe.every-th block."""
+        if moe is None:
+            return []
+        if moe.train_causal and moe.router != "token_choice":
+            raise ChoicelmError("moe.train_causal=true makes a decoder route causally while it trains; an encoder has "
+                                "no future to leak and routes expert choice by true top-k, so set "
+                                "moe.train_causal=false (model.set_routing(...) still tries another rule)")
+        indices = [i for i in range(config.n_layer) if (i + 1) % moe.every == 0]
+        if not indices:
+            raise ChoicelmError(f"moe.every={moe.every} exceeds model.n_layer={config.n_layer}: no block would get an "
+                                "MoE layer; lower moe.every or set moe.experts=0 for a dense model")
+        return indices
 
     def _make_classifier(self, n_labels: int) -> None:
         self.pooler = nn.Linear(self.config.n_embd, self.config.n_embd)
@@ -131,6 +212,8 @@ class BERT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
+            elif isinstance(module, MoE):  # stacked expert weights are plain Parameters; BERT scales no projection
+                module.reset_parameters(0.02, 0.02)
 
     @property
     def head(self) -> str:
@@ -143,9 +226,16 @@ class BERT(nn.Module):
                token_type_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [B, T, D] of the last block (HF's last_hidden_state).
 
-        attention_mask_BT: 1 = real token, 0 = padding (never attended to; padded rows still get states).
+        attention_mask_BT: 1 = real token, 0 = padding (never attended to, never routed to an expert; padded
+                           positions still get states).
         token_type_ids_BT: segment ids in [0, type_vocab_size); default all 0.
+        MoE layers route with current_routing(); their aux losses and statistics come with forward().
         """
+        return self._encode(idx_BT, attention_mask_BT, token_type_ids_BT)[0]
+
+    def _encode(self, idx_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None,
+                token_type_ids_BT: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """(hidden states [B, T, D], {MoE block index: its MoEOutput})."""
         B, T = idx_BT.shape
         c = self.config
         if T > c.block_size:
@@ -170,9 +260,13 @@ class BERT(nn.Module):
         e = self.embeddings
         x_BTD = e.wte(idx_BT) + e.wpe(pos_T) + e.wtt(token_type_ids_BT)
         x_BTD = e.drop(e.ln(x_BTD))
+        moe_outs: dict = {}  # block index -> MoEOutput: aux losses and routing stats travel in the output
+        moe_kw = {}
+        if self.moe_config is not None:
+            moe_kw = dict(rule=self.current_routing(), record=self.record_routing, outputs=moe_outs)
         for block in self.h:
-            x_BTD = block(x_BTD, key_padding_mask)
-        return x_BTD
+            x_BTD = block(x_BTD, key_padding_mask, **(moe_kw if isinstance(block, MoEEncoderBlock) else {}))
+        return x_BTD, moe_outs
 
     def mlm_logits(self, x_ND: torch.Tensor) -> torch.Tensor:
         """MLM logits [..., V] of hidden states [..., D]."""
@@ -184,59 +278,162 @@ class BERT(nn.Module):
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 attention_mask_BT: torch.Tensor | None = None, token_type_ids_BT: torch.Tensor | None = None,
-                labels_B: torch.Tensor | None = None, loss_reduction: str = "mean",
-                return_logits: bool = True) -> ModelOutput:
+                labels_B: torch.Tensor | None = None, nsp_labels_B: torch.Tensor | None = None,
+                loss_reduction: str = "mean", return_logits: bool = True) -> ModelOutput:
         """idx_BT: token ids (masked, for MLM).
 
         targets_BT:   masked-LM targets: the original id at each masked position, -100 elsewhere.
         labels_B:     classifier targets, class ids in [0, n_labels) (-100 = ignore).
+        nsp_labels_B: next-sentence targets (model.nsp): 0 = segment B follows A, 1 = B is random, -100 = ignore;
+                      given with targets_BT, the loss is MLM + NSP (see _nsp_term).
         return_logits: False (MLM with targets) computes logits only at the masked positions, for the loss.
         loss_reduction: "mean" over valid targets, or "sum".
+        An MoE model's output also carries aux_loss and stats (as GPT's: {"routing", "causal", "moe": {block: ...}}).
         """
+        self._check_targets(targets_BT, labels_B, nsp_labels_B)
+        x_BTD, moe_outs = self._encode(idx_BT, attention_mask_BT, token_type_ids_BT)
+
+        if self.classifier is not None:
+            logits_BL = self.classifier(self.cls_drop(self.pool(x_BTD)))
+            loss = None if labels_B is None else cross_entropy(logits_BL, labels_B, loss_reduction)
+            return self._output(moe_outs, ModelOutput, logits=logits_BL, loss=loss)
+
+        logits, mlm_loss = self._mlm(x_BTD, targets_BT, loss_reduction, return_logits)
+        if self.nsp_head is None:
+            return self._output(moe_outs, ModelOutput, logits=logits, loss=mlm_loss)
+        nsp_logits_B2 = self.nsp_head(self.pool(x_BTD))  # HF's BertPreTrainingHeads: no dropout before it
+        loss, nsp_loss = mlm_loss, None  # no labels (evaluating the MLM alone): the MLM loss
+        if nsp_labels_B is not None:
+            nsp_loss, nsp_term = self._nsp_term(nsp_logits_B2, nsp_labels_B, targets_BT, loss_reduction)
+            loss = mlm_loss + nsp_term
+        return self._output(moe_outs, PreTrainingOutput, logits=logits, loss=loss, nsp_logits=nsp_logits_B2,
+                            mlm_loss=mlm_loss, nsp_loss=nsp_loss)
+
+    def _check_targets(self, targets_BT, labels_B, nsp_labels_B) -> None:
+        """One clear error for targets this model has no head (or no objective) for."""
         if self.classifier is None and labels_B is not None:
             raise ChoicelmError("labels given to a masked-LM encoder (model.n_labels=0); build it with "
                                 "model.n_labels=N, or call add_classifier(N), to get a classification head")
         if self.classifier is not None and targets_BT is not None:
             raise ChoicelmError("masked-LM targets given to a classifier (model.n_labels > 0), which has no "
                                 "masked-LM head; pass labels_B")
-        x_BTD = self.encode(idx_BT, attention_mask_BT=attention_mask_BT, token_type_ids_BT=token_type_ids_BT)
+        if nsp_labels_B is not None and self.nsp_head is None:
+            raise ChoicelmError("next-sentence labels given to an encoder without a next-sentence head; build it "
+                                "with model.nsp=true")
+        if nsp_labels_B is not None and targets_BT is None:
+            raise ChoicelmError("nsp_labels_B needs the masked-LM targets_BT too: the pretraining loss is their sum")
+        if self.nsp_head is not None and self.training and targets_BT is not None and nsp_labels_B is None:
+            raise ChoicelmError("model.nsp=true trains next-sentence prediction, but the batch has no next-sentence "
+                                "labels; the pretraining objective must build sentence pairs (MaskedLM(..., nsp=True) "
+                                "in train/objectives.py), or set model.nsp=false")
 
-        if self.classifier is not None:
-            logits_BL = self.classifier(self.cls_drop(self.pool(x_BTD)))
-            loss = None if labels_B is None else cross_entropy(logits_BL, labels_B, loss_reduction)
-            return ModelOutput(logits=logits_BL, loss=loss)
-
+    def _mlm(self, x_BTD: torch.Tensor, targets_BT: torch.Tensor | None, reduction: str, return_logits: bool):
+        """(MLM logits [B, T, V] or None, MLM loss or None)."""
         logits = loss = None
         if return_logits:
             logits = self.mlm_logits(x_BTD)
             if targets_BT is not None:
-                loss = cross_entropy(logits, targets_BT, loss_reduction)
+                loss = cross_entropy(logits, targets_BT, reduction)
         elif targets_BT is not None:
             # Only ~15% of positions are targets: run the head and the [*, V] decoder on those rows alone.
             rows_N = (targets_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
             x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])[rows_N]
-            loss = cross_entropy(self.mlm_logits(x_ND), targets_BT.reshape(-1)[rows_N], loss_reduction)
-        return ModelOutput(logits=logits, loss=loss)
+            loss = cross_entropy(self.mlm_logits(x_ND), targets_BT.reshape(-1)[rows_N], reduction)
+        return logits, loss
+
+    @staticmethod
+    def _nsp_term(nsp_logits_B2: torch.Tensor, nsp_labels_B: torch.Tensor, targets_BT: torch.Tensor,
+                  reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NSP cross-entropy in `reduction`, the term added to the MLM loss).
+
+        "mean": mean MLM CE + mean NSP CE, Hugging Face BertForPreTraining's loss.
+        "sum": the training loop divides the summed loss by the masked-token count of the whole batch. A plain sum
+        of row CEs would then weigh NSP by rows / masked tokens (~1 / (0.15 T)), next to nothing for long windows.
+        So the NSP sum is scaled by this batch's masked tokens / labelled rows: divided by the masked count, the
+        loss is again mean MLM + mean NSP, as HF's (with accumulation: the masked-count-weighted mean of the
+        micro-batches' NSP means). A batch with no masked token gets no NSP term; no labelled row gives 0.
+        """
+        n_rows = (nsp_labels_B != IGNORE_INDEX).sum()
+        nsp_sum = cross_entropy(nsp_logits_B2, nsp_labels_B, "sum")
+        if reduction == "mean":
+            nsp_mean = nsp_sum / n_rows.clamp(min=1)
+            return nsp_mean, nsp_mean
+        n_masked = (targets_BT != IGNORE_INDEX).sum()
+        return nsp_sum, nsp_sum * n_masked / n_rows.clamp(min=1)
+
+    def _output(self, moe_outs: dict, output_cls: type, **fields) -> ModelOutput:
+        """The output, with an MoE model's aux loss and routing stats in GPT's structure."""
+        if not moe_outs:
+            return output_cls(**fields)
+        aux = [o.aux_loss for o in moe_outs.values() if o.aux_loss is not None]
+        rule = self.current_routing()
+        stats = {"routing": rule, "causal": rule in CAUSAL_RULES, "moe": {i: o.stats for i, o in moe_outs.items()}}
+        return output_cls(**fields, aux_loss=torch.stack(aux).sum() if aux else None, stats=stats)
+
+    # ------------------------------------------------------------------------- MoE routing
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.h if isinstance(block, MoEEncoderBlock)]
+
+    def set_routing(self, rule: str | None) -> None:
+        """The routing rule of every MoE layer (see models/moe.py): topk | threshold | predictor for expert choice,
+        capacity | dropless for token choice; None = the default (topk for expert choice in both modes; token
+        choice: capacity in train mode, dropless in eval). The causal rules work but buy an encoder nothing."""
+        layers = self.moe_layers()
+        if rule is not None:
+            if not layers:
+                raise ChoicelmError(f"routing={rule!r} needs an MoE model; this BERT is dense (moe.experts=0)")
+            if rule not in layers[0].rules:
+                raise ChoicelmError(f"routing={rule!r} is not available for moe.router={self.moe_config.router}; "
+                                    f"choose one of {', '.join(layers[0].rules)} (all rules: {', '.join(RULES)})")
+        self.routing = rule
+
+    @contextlib.contextmanager
+    def routing_as(self, rule: str | None):
+        """with model.routing_as("topk"): ... evaluates with another rule, then restores the previous one."""
+        before = self.routing
+        self.set_routing(rule)
+        try:
+            yield self
+        finally:
+            self.routing = before
+
+    def current_routing(self) -> str | None:
+        """The rule the MoE layers route with in the current mode (None for a dense model)."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        if self.routing:
+            return self.routing
+        if layers[0].expert_choice:  # every token sees the whole sequence anyway: nothing for top-k to leak
+            return "topk"
+        return layers[0].train_rule if self.training else layers[0].eval_rule
 
     # ------------------------------------------------------------------------- utilities
 
     def add_classifier(self, n_labels: int) -> "BERT":
         """Turn a (pretrained) masked-LM encoder into a classifier of n_labels classes, for fine-tuning: a fresh
         pooler and classifier (N(0, 0.02) weights, zero biases, on the encoder's device and dtype) replace the
-        MLM head; forward then classifies. Load the pretrained weights first, then call this. Returns self."""
+        MLM head; forward then classifies. An NSP model keeps its pretrained pooler (as Hugging Face's
+        from_pretrained does from a BertForPreTraining checkpoint) and drops the next-sentence head. Load the
+        pretrained weights first, then call this. Returns self."""
         if isinstance(n_labels, bool) or not isinstance(n_labels, int) or n_labels < 2:
             raise ChoicelmError(f"n_labels={n_labels!r}: a classifier needs at least 2 classes")
         if self.classifier is not None:
             raise ChoicelmError(f"this encoder already has a {self.config.n_labels}-class head; build a new model "
                                 "from the masked-LM checkpoint to change the number of classes")
         w = self.embeddings.wte.weight
-        self.mlm_head = self.lm_head = None
+        pretrained_pooler = self.pooler
+        self.mlm_head = self.lm_head = self.nsp_head = None
         self._make_classifier(n_labels)
-        for head in (self.pooler, self.classifier):
+        fresh = (self.pooler, self.classifier)
+        if pretrained_pooler is not None:
+            self.pooler, fresh = pretrained_pooler, (self.classifier,)
+        for head in fresh:
             head.to(device=w.device, dtype=w.dtype)
             nn.init.normal_(head.weight, mean=0.0, std=0.02)
             nn.init.zeros_(head.bias)
-        self.config = dataclasses.replace(self.config, n_labels=n_labels)
+        self.config = dataclasses.replace(self.config, n_labels=n_labels, nsp=False)
         return self
 
     def num_params(self, exclude_embeddings: bool = True) -> int:
@@ -251,10 +448,12 @@ class BERT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token, 6 * N + 12 * n_layer * n_head * head_dim * seq_len (as GPT.flops_per_token).
-        An upper bound for MLM training, where the [D, V] decoder runs only on the ~15% masked positions."""
+        An upper bound for MLM training, where the [D, V] decoder runs only on the ~15% masked positions. MoE
+        layers count only the expert parameters a token uses on average, as in GPT."""
         c = self.config
         attention = 12 * c.n_layer * c.n_head * c.head_dim * (seq_len or c.block_size)
-        return 6 * self.num_params(exclude_embeddings=True) + attention
+        n_active = self.num_params(exclude_embeddings=True) - sum(m.inactive_params() for m in self.moe_layers())
+        return 6 * n_active + attention
 
 
 # ----------------------------------------------------------------------------- Hugging Face BERT
@@ -292,13 +491,14 @@ _HF_LAYER = {"attention.output.dense": "attn.c_proj", "attention.output.LayerNor
              "intermediate.dense": "mlp.c_fc", "output.dense": "mlp.c_proj", "output.LayerNorm": "ln_2"}
 _HF_HEADS = {"pooler.dense": "pooler", "cls.predictions.transform.dense": "mlm_head.dense",
              "cls.predictions.transform.LayerNorm": "mlm_head.ln", "cls.predictions.decoder": "lm_head",
-             "classifier": "classifier"}
+             "cls.seq_relationship": "nsp_head", "classifier": "classifier"}
 
 
 def state_dict_from_hf_bert(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v of) a Hugging Face BERT state dict into BERT's names, every head the source has
-    included (a BertModel has a pooler and no MLM head, a BertForMaskedLM the MLM head and no pooler); an
-    unknown tensor is an error. Buffers (position_ids, token_type_ids) are skipped."""
+    included (a BertModel has a pooler and no MLM head, a BertForMaskedLM the MLM head and no pooler, a
+    BertForPreTraining both and the next-sentence head); an unknown tensor is an error. Buffers (position_ids,
+    token_type_ids) are skipped."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in hf_state.items():
@@ -335,7 +535,8 @@ def load_hf_bert_state(model: BERT, hf_state: dict[str, torch.Tensor]) -> tuple[
     """Copy a Hugging Face BERT state dict into `model`; the encoder must be complete. Returns (missing,
     ignored): the model's head tensors the source lacks (they keep their initialisation: a BertModel or
     BertForMaskedLM has no classifier) and the source's head tensors this model has no place for (a BertModel's
-    pooler in a masked-LM model, an MLM head in a classifier)."""
+    pooler in a masked-LM model, an MLM head in a classifier, a BertForPreTraining's next-sentence head and pooler
+    in a model without model.nsp)."""
     state = state_dict_from_hf_bert(hf_state, model.config)
     ours = model.state_dict()
     ignored = sorted(name for name in state if name not in ours and not name.startswith(("embeddings.", "h.")))

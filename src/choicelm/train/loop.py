@@ -136,7 +136,7 @@ def pretraining_inputs(cfg: Config, objective: str = "causal_lm") -> RunInputs:
         if objective == "causal_lm" and kind == "lstm":  # parallel text streams, the state carried across steps
             return TruncatedBPTT(sampler.micro_steps)
         if objective == "causal_lm" and kind == "bert":  # an encoder pretrains by masked LM
-            return MaskedLM.for_data(data_dir, cfg.train.seed)
+            return MaskedLM.for_data(data_dir, cfg.train.seed, nsp=cfg.model.nsp)
         return OBJECTIVES[objective]
 
     return RunInputs(train, val, lambda: build_model(cfg.model, cfg.moe), objective_for,

@@ -65,33 +65,50 @@ class MaskedLM:
     as an uninterrupted one (and one process with accumulation as several). key None (validation,
     `choicelm evaluate`) seeds each row from its own tokens: the same masks at every evaluation, whatever
     the batch size or the number of processes.
+
+    nsp=True (model.nsp) adds next-sentence prediction: prepare first makes sentence pairs of the windows
+    (data/mlm.py: next_sentence_pairs), then masks them, and returns (inputs_BT, token_types_BT, nsp_labels_B,
+    targets_BT), the MLM targets last as the loop expects. The pairs are seeded like the masks: by (train.seed,
+    step, micro-batch) in training, by the tokens of the whole batch in validation (a random segment B comes
+    from another window of the batch, so an NSP model's validation loss depends on the batch size, though not
+    on when it is measured). The model adds the NSP loss to the MLM loss (models/bert.py: BERT.forward).
     """
 
-    def __init__(self, masker, seed: int):
-        self.masker, self.seed = masker, int(seed)
+    def __init__(self, masker, seed: int, nsp: bool = False):
+        self.masker, self.seed, self.nsp = masker, int(seed), bool(nsp)
 
     @classmethod
-    def for_data(cls, data_dir, seed: int) -> "MaskedLM":
+    def for_data(cls, data_dir, seed: int, nsp: bool = False) -> "MaskedLM":
         """The objective for a prepared data folder: masks with its tokenizer's <|mask|> and special tokens."""
         from ..data.loader import read_manifest
         from ..data.mlm import MLMMasker
         from ..tokenizer import Tokenizer
 
         manifest = read_manifest(data_dir)
-        return cls(MLMMasker.from_tokenizer(Tokenizer.load(Path(data_dir) / manifest["tokenizer"]["dir"])), seed)
+        tokenizer = Tokenizer.load(Path(data_dir) / manifest["tokenizer"]["dir"])
+        return cls(MLMMasker.from_tokenizer(tokenizer), seed, nsp)
 
     def prepare(self, batch: tuple[torch.Tensor, torch.Tensor], key: tuple[int, int] | None):
-        from ..data.mlm import content_key, mlm_generator
+        from ..data.mlm import content_key, mlm_generator, next_sentence_pairs
 
         x_BT = batch[0]
+        if self.nsp:  # generator streams 2 (training) and 3 (validation), apart from the masks' 0 and 1
+            pair_key = (2, *key) if key is not None else (3, content_key(x_BT))
+            x_BT, token_types_BT, nsp_labels_B = next_sentence_pairs(x_BT, mlm_generator(self.seed, *pair_key))
         if key is not None:
-            return self.masker(x_BT, generator=mlm_generator(self.seed, 0, *key))
-        rows = [self.masker(x_1T, generator=mlm_generator(self.seed, 1, content_key(x_1T))) for x_1T in x_BT.split(1)]
-        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+            inputs_BT, targets_BT = self.masker(x_BT, generator=mlm_generator(self.seed, 0, *key))
+        else:
+            rows = [self.masker(x_1T, generator=mlm_generator(self.seed, 1, content_key(x_1T)))
+                    for x_1T in x_BT.split(1)]
+            inputs_BT, targets_BT = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        if self.nsp:
+            return inputs_BT, token_types_BT, nsp_labels_B, targets_BT
+        return inputs_BT, targets_BT
 
-    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
-        x_BT, targets_BT = batch
-        out = model(x_BT, targets_BT, loss_reduction="sum", return_logits=False)
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
+        x_BT, *pairs, targets_BT = batch  # pairs: (token_types_BT, nsp_labels_B) with nsp, else nothing
+        nsp = dict(zip(("token_type_ids_BT", "nsp_labels_B"), pairs))
+        out = model(x_BT, targets_BT, loss_reduction="sum", return_logits=False, **nsp)
         return out.loss, int((targets_BT != -100).sum()), out
 
 
