@@ -51,7 +51,6 @@ as BERT's `hidden_act="gelu"`. Parameter names and Hugging Face BERT's (see `sta
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -62,7 +61,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from .layers import IGNORE_INDEX, MLP, ModelOutput, SelfAttention, cross_entropy, make_norm
-from .moe import CAUSAL_RULES, RULES, MoE
+from .moe import CAUSAL_RULES, MoE, RoutedModel
 
 
 class BertMLP(MLP):
@@ -134,7 +133,7 @@ class MLMHead(nn.Module):
         return self.ln(F.gelu(self.dense(x_ND)))
 
 
-class BERT(nn.Module):
+class BERT(RoutedModel, nn.Module):
     """Encoder. forward(idx_BT, targets_BT=None, *, attention_mask_BT, token_type_ids_BT, labels_B, nsp_labels_B)
     -> ModelOutput.
 
@@ -375,39 +374,13 @@ class BERT(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.h if isinstance(block, MoEEncoderBlock)]
 
-    def set_routing(self, rule: str | None) -> None:
-        """The routing rule of every MoE layer (see models/moe.py): topk | threshold | predictor for expert choice,
-        capacity | dropless for token choice; None = the default (topk for expert choice in both modes; token
-        choice: capacity in train mode, dropless in eval). The causal rules work but buy an encoder nothing."""
-        layers = self.moe_layers()
-        if rule is not None:
-            if not layers:
-                raise ChoicelmError(f"routing={rule!r} needs an MoE model; this BERT is dense (moe.experts=0)")
-            if rule not in layers[0].rules:
-                raise ChoicelmError(f"routing={rule!r} is not available for moe.router={self.moe_config.router}; "
-                                    f"choose one of {', '.join(layers[0].rules)} (all rules: {', '.join(RULES)})")
-        self.routing = rule
-
-    @contextlib.contextmanager
-    def routing_as(self, rule: str | None):
-        """with model.routing_as("topk"): ... evaluates with another rule, then restores the previous one."""
-        before = self.routing
-        self.set_routing(rule)
-        try:
-            yield self
-        finally:
-            self.routing = before
-
-    def current_routing(self) -> str | None:
-        """The rule the MoE layers route with in the current mode (None for a dense model)."""
-        layers = self.moe_layers()
-        if not layers:
-            return None
-        if self.routing:
-            return self.routing
-        if layers[0].expert_choice:  # every token sees the whole sequence anyway: nothing for top-k to leak
+    def default_rule(self, layer: MoE) -> str:
+        """Expert choice: true top-k in both modes (every token sees the whole sequence anyway: nothing for top-k
+        to leak; the causal rules work but buy an encoder nothing). Token choice: capacity in train mode,
+        dropless in eval."""
+        if layer.expert_choice:
             return "topk"
-        return layers[0].train_rule if self.training else layers[0].eval_rule
+        return layer.train_rule if self.training else layer.eval_rule
 
     # ------------------------------------------------------------------------- utilities
 

@@ -33,7 +33,6 @@ The rotary tables are non-persistent buffers: they are not in the state dict.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -44,7 +43,7 @@ from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, linear_cross_entropy, make_mlp,
                      make_norm, rope_cos_sin)
-from .moe import CAUSAL_RULES, RULES, MoE
+from .moe import CAUSAL_RULES, MoE, RoutedModel
 
 
 class Block(nn.Module):
@@ -89,7 +88,7 @@ def last_real_position(attention_mask_BS: torch.Tensor | None, T: int) -> torch.
     return T - 1 - mask_BT.flip(1).to(torch.int8).argmax(1)
 
 
-class GPT(nn.Module):
+class GPT(RoutedModel, nn.Module):
     """Decoder-only LM. forward(idx_BT, targets_BT) -> ModelOutput(logits, loss, aux_loss, stats).
 
     With moe (a MoEConfig with experts > 0), every moe.every-th block's MLP is an MoE layer. `routing`
@@ -257,34 +256,9 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.transformer.h if isinstance(block, MoEBlock)]
 
-    def set_routing(self, rule: str | None) -> None:
-        """The routing rule of every MoE layer (see models/moe.py): topk | threshold | predictor for expert choice,
-        capacity | dropless for token choice; None = the default (training rule in train mode, causal in eval)."""
-        layers = self.moe_layers()
-        if rule is not None:
-            if not layers:
-                raise ChoicelmError(f"routing={rule!r} needs an MoE model; this GPT is dense (moe.experts=0)")
-            if rule not in layers[0].rules:
-                raise ChoicelmError(f"routing={rule!r} is not available for moe.router={self.moe_config.router}; "
-                                    f"choose one of {', '.join(layers[0].rules)} (all rules: {', '.join(RULES)})")
-        self.routing = rule
-
-    @contextlib.contextmanager
-    def routing_as(self, rule: str | None):
-        """with model.routing_as("topk"): ... evaluates with another rule, then restores the previous one."""
-        before = self.routing
-        self.set_routing(rule)
-        try:
-            yield self
-        finally:
-            self.routing = before
-
-    def current_routing(self) -> str | None:
-        """The rule the MoE layers route with in the current mode (None for a dense model)."""
-        layers = self.moe_layers()
-        if not layers:
-            return None
-        return self.routing or (layers[0].train_rule if self.training else layers[0].eval_rule)
+    def default_rule(self, layer: MoE) -> str:
+        """The training rule in train mode, the causal rule generation uses in eval mode."""
+        return layer.train_rule if self.training else layer.eval_rule
 
     def _routing_rule(self, decoding: bool) -> str | None:
         if decoding:

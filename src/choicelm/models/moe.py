@@ -37,6 +37,7 @@ C slots per expert, G routing groups, n tokens per group, k tokens an expert tak
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -312,6 +313,50 @@ class MoE(nn.Module):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class RoutedModel:
+    """Routing-rule selection for a model with MoE layers (GPT, BERT). A subclass defines moe_layers() and
+    default_rule(layer), and sets self.routing = None and self.moe_config in __init__."""
+
+    routing: str | None = None
+
+    def moe_layers(self) -> list[MoE]:
+        raise NotImplementedError
+
+    def default_rule(self, layer: MoE) -> str:
+        """The rule used when no routing is set (e.g. the training rule in train mode, the causal one in eval)."""
+        raise NotImplementedError
+
+    def set_routing(self, rule: str | None) -> None:
+        """The routing rule of every MoE layer: topk | threshold | predictor for expert choice, capacity | dropless
+        for token choice; None = the model's default_rule."""
+        layers = self.moe_layers()
+        if rule is not None:
+            if not layers:
+                raise ChoicelmError(f"routing={rule!r} needs an MoE model; this {type(self).__name__} is dense "
+                                    "(moe.experts=0)")
+            if rule not in layers[0].rules:
+                raise ChoicelmError(f"routing={rule!r} is not available for moe.router={self.moe_config.router}; "
+                                    f"choose one of {', '.join(layers[0].rules)} (all rules: {', '.join(RULES)})")
+        self.routing = rule
+
+    @contextlib.contextmanager
+    def routing_as(self, rule: str | None):
+        """with model.routing_as("topk"): ... evaluates with another rule, then restores the previous one."""
+        before = self.routing
+        self.set_routing(rule)
+        try:
+            yield self
+        finally:
+            self.routing = before
+
+    def current_routing(self) -> str | None:
+        """The rule the MoE layers route with in the current mode (None for a dense model)."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        return self.routing or self.default_rule(layers[0])
 
 
 def _dispatch_mask(mask_NE: torch.Tensor, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
