@@ -20,28 +20,17 @@ from choicelm.models import build_model
 from choicelm.models.gpt import MoEBlock
 from choicelm.train import checkpoint as ckpt
 
+from test_interop import llama_tokenizer_dir  # noqa: F401  (a fixture: the Llama-layout tokenizer)
+
 transformers = pytest.importorskip("transformers")
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
-        "You are all resolved rather to die than to famish? Resolved. resolved.\n")
 V, D, FW, E = 320, 64, 96, 4
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A Mistral-style tokenizer saved by transformers: <unk> 0, <s> 1, </s> 2, no pad token."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    folder = tmp_path_factory.mktemp("mixtral_tok")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>",
-                                         unk_token="<unk>").save_pretrained(folder)
-    return folder
+def tokenizer_dir(llama_tokenizer_dir) -> Path:
+    """Mistral's tokenizer layout is Llama's: <unk> 0, <s> 1, </s> 2, no pad token."""
+    return llama_tokenizer_dir
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.1) -> None:
