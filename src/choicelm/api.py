@@ -76,17 +76,15 @@ class LanguageModel:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not all(isinstance(p, str) for p in prompts):
             raise ChoicelmError("generate() takes a prompt string or a list of prompt strings")
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        if self.config.model.kind == "seq2seq":  # the prompt is the source; the output is the whole target
+        if self.config.model.kind == "seq2seq":  # the prompt is the source (cut to the block size, then EOS)
             from .finetune.data import decoder_start_id, source_ids
             from .generation.seq2seq import generate_seq2seq
 
-            ids = [source_ids(self.tokenizer, p, self.config.model.block_size) for p in prompts]
-
-            completions = generate_seq2seq(self.model, ids, cfg, start_id=decoder_start_id(self.tokenizer),
+            sources = [source_ids(self.tokenizer, p, self.config.model.block_size) for p in prompts]
+            completions = generate_seq2seq(self.model, sources, cfg, start_id=decoder_start_id(self.tokenizer),
                                            pad_id=self.tokenizer.pad_id_or_eos, tokenizer=self.tokenizer)
         else:
-            completions = generate_text(self.model, self.tokenizer, ids, cfg)
+            completions = generate_text(self.model, self.tokenizer, [self.tokenizer.encode(p) for p in prompts], cfg)
         texts = [c.text for c in completions]
         n = cfg.num_return_sequences
         if n > 1:

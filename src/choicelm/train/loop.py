@@ -1,6 +1,7 @@
-"""The one training loop. Every objective (causal LM now; MLM, SFT, classification later) runs here.
+"""The one training loop. Every objective (causal LM, masked LM, truncated BPTT, and the fine-tuning tasks:
+classification, seq2seq, SFT) runs here.
 
-    pretrain(cfg, out_dir="runs/x", resume="auto")
+    pretrain(cfg, out_dir="runs/x", resume="auto")       # finetune/run.py builds its own RunInputs
 
 One optimizer step: fetch this rank's micro-batches, count valid tokens over the global batch,
 forward/backward each micro-batch with its summed loss divided by that count (so accumulation and
