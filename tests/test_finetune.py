@@ -305,3 +305,19 @@ def test_fine_tuning_data_splits_are_deterministic_batches(tasks):
     assert mask_BT.sum(1).tolist() == [len(ids[3]), len(ids[1])] and labels_B.shape == (2,)
     with pytest.raises(ChoicelmError, match="not trained on"):
         fd.label_ids(["war", "maybe"], ["peace", "war"], "test.csv")
+
+
+def test_ddp_fine_tuning_matches_one_process(tasks, tmp_path):
+    """torchrun with 2 ranks x micro 2 == one process with micro 2 x accumulation 2: examples of different
+    lengths on each rank still weigh the same, as the loss is divided by the global count of labels."""
+    from test_train import cli_subprocess, torchrun
+
+    root, tok = tasks
+    common = ["--task", "seq2seq", "--config", ROOT / "configs" / "seq2seq-tiny.yaml", "--tokenizer", tok,
+              "--train", root / "train.tsv", "--train.max_steps=3", "--train.micro_batch_size=2",
+              "--train.global_batch_size=4", "--train.eval_every=0"]
+    cli_subprocess("finetune", *common, "--out", tmp_path / "single")
+    torchrun("finetune", *common, "--out", tmp_path / "ddp")
+    a = choicelm.load(tmp_path / "single", device="cpu").model.state_dict()
+    b = choicelm.load(tmp_path / "ddp", device="cpu").model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
