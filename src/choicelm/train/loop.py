@@ -35,7 +35,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init
 from .metrics import MetricsLog, measure_peak_flops, peak_memory_mb
 from .objectives import OBJECTIVES, MaskedLM, TruncatedBPTT, summed_loss
 from .optim import build_optimizer, lr_at, set_lr
-from .runtime import autocast, keep_freed_memory, pick_device, use_bf16
+from .runtime import autocast, compile_for_training, keep_freed_memory, pick_device, use_bf16
 
 # Testing hook: SIGKILL this process right after the given step (and its checkpoint) completes,
 # so tests can prove that a real, uncatchable kill followed by --resume loses nothing.
@@ -179,9 +179,7 @@ class Trainer:
             self._restore(resume_from)
         self.resumed_step = self.step if resume_from is not None else None
 
-        model = self.model
-        if t.compile:
-            model = torch.compile(model)
+        model = compile_for_training(self.model) if t.compile else self.model
         self.train_model = DDP(model) if dist_info.enabled else model
 
     # --- resume -------------------------------------------------------------------------------
