@@ -242,7 +242,8 @@ class FinetuneConfig:
     lora_targets: str = _f("", "comma-separated Linear module names to adapt; empty = every attention and MLP "
                                "projection")
     adversarial: str = _f("none", "none | fgm | pgd: also train on input embeddings perturbed along the loss gradient")
-    adv_epsilon: float = _f(1.0, "adversarial: L2 radius of each sequence's embedding perturbation")
+    adv_epsilon: float = _f(0.1, "adversarial: L2 radius of each sequence's embedding perturbation; a few percent of "
+                                 "0.02*sqrt(tokens*width) (0.1 suited the BBC demo, where 1.0 stopped learning)")
     adv_steps: int = _f(3, "pgd: ascent steps")
     adv_step_size: float = _f(0.0, "pgd: size of each ascent step; 0 = the adversarial module's default")
 
