@@ -375,3 +375,22 @@ def test_fine_tuning_starts_from_an_imported_bert(tmp_path, bert_tokenizer_dir):
                                       "--train.precision=fp32"]), tmp_path / "cls")
     lm = choicelm.load(out)
     assert lm.labels == ["a", "b"] and lm.classify(TEXTS[0]) in ("a", "b")
+
+
+def test_tokenizer_load_reads_a_raw_bert_folder(tmp_path, bert_tokenizer_dir):
+    """Without conversion: [SEP] is the end of text, [CLS] the start, and a tokenizer.json that pads to a fixed
+    length (as all-MiniLM's does) encodes just the text, as transformers does."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from choicelm.tokenizer import Tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    copy_files(bert_tokenizer_dir, folder)
+    padded = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    padded.enable_padding(length=32)
+    padded.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer.load(folder)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tok.eos_id, tok.bos_id) == (hf_tok.sep_token_id, hf_tok.cls_token_id)
+    assert tok.encode(TEXTS[1]) == hf_tok(TEXTS[1], add_special_tokens=False)["input_ids"]

@@ -262,6 +262,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ChoicelmError(f"{file} is not a valid tokenizer.json ({str(e)[:200]}); "
                                 f"re-create it with `choicelm tokenizer train`") from None
+        # Hub files may pad to a fixed length and truncate (all-MiniLM: 128); transformers switches both off on
+        # load, and so does choicelm: encode() returns the text's ids, nothing more or less
+        hf.no_padding()
+        hf.no_truncation()
         tok = cls(hf, special_tokens=read_special_tokens(path) if path.is_dir() else None)
         tok.chat_template = read_chat_template(path) if path.is_dir() else None
         return tok
@@ -365,8 +369,10 @@ _DEFAULT_ROLES = {"eos": EOT, "bos": EOT, "pad": PAD, "mask": MASK}
 
 def read_special_tokens(folder: Path) -> dict[str, str | None]:
     """Roles named in Hugging Face's tokenizer_config.json and special_tokens_map.json (the latter wins,
-    as in transformers). A value is a string or an AddedToken dict {"content": ...}; null = none."""
+    as in transformers). A value is a string or an AddedToken dict {"content": ...}; null = none. A folder
+    that names no eos but a sep_token (BERT) gets [SEP] as eos and its cls_token as bos."""
     roles: dict[str, str | None] = {}
+    bert: dict[str, str] = {}  # BERT names no eos/bos: its [SEP] ends a text and its [CLS] starts one
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         file = folder / name
         if not file.is_file():
@@ -375,10 +381,16 @@ def read_special_tokens(folder: Path) -> dict[str, str | None]:
             config = json.loads(file.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ChoicelmError(f"{file} is not valid JSON ({e}); fix or delete it") from None
-        for role in _DEFAULT_ROLES:
-            if f"{role}_token" in config:
-                value = config[f"{role}_token"]
-                roles[role] = value.get("content") if isinstance(value, dict) else value
+        for role, key in [(r, f"{r}_token") for r in _DEFAULT_ROLES] + [("eos", "sep_token"), ("bos", "cls_token")]:
+            if key in config:
+                value = config[key]
+                value = value.get("content") if isinstance(value, dict) else value
+                if key.startswith((role + "_")):
+                    roles[role] = value
+                elif isinstance(value, str):
+                    bert[role] = value
+    if roles.get("eos") is None and "eos" in bert:
+        roles.update({role: token for role, token in bert.items() if roles.get(role) is None})
     return roles
 
 

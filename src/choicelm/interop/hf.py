@@ -103,14 +103,13 @@ from typing import Callable
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import Config, ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from ..models import build_model
 from ..models.bert import BERT as BertEncoder, config_from_hf_bert, load_hf_bert_state, state_dict_from_hf_bert
 from ..models.seq2seq import sinusoidal_table
-from ..tokenizer import EOT, Tokenizer, read_chat_template, read_special_tokens
+from ..tokenizer import EOT, Tokenizer, read_special_tokens
 from ..train import checkpoint as ckpt
 from .tiktoken_bpe import byte_level_tokenizer, read_vocab_merges
 
@@ -700,17 +699,7 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     names no eos/bos, gets [SEP] (its sep_token) as end-of-text and [CLS] (cls_token) as bos."""
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        roles = _bert_roles(folder)
-        if roles:
-            tok = Tokenizer(_read_tokenizer_json(folder / "tokenizer.json"), special_tokens=roles)
-            tok.chat_template = read_chat_template(folder)
-        else:
-            tok = Tokenizer.load(folder)
-        # Hub files may pad to a fixed length and truncate (all-MiniLM: 128); transformers switches both off on
-        # load, and so does choicelm: encode() returns the text's ids, nothing more or less
-        tok.hf.no_padding()
-        tok.hf.no_truncation()
-        return tok
+        return Tokenizer.load(folder)
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         vocab, merges = read_vocab_merges(folder)
         roles = read_special_tokens(folder)
@@ -723,31 +712,6 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> Tokenizer:
                               f"(AutoTokenizer.from_pretrained(folder).save_pretrained(folder) in transformers)")
     raise ConversionError(f"{folder} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
                           f"pass --tokenizer DIR with one")
-
-
-def _bert_roles(folder: Path) -> dict[str, str | None]:
-    """The special-token roles of a tokenizer folder when they need BERT's fallback (sep_token as eos, cls_token
-    as bos, where tokenizer_config.json / special_tokens_map.json name no eos/bos); {} when they do not."""
-    roles = read_special_tokens(folder)
-    fields: dict[str, str] = {}
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in read_special_tokens
-        file = folder / name
-        config = _read_json(file, "") if file.is_file() else {}
-        for key in ("sep_token", "cls_token"):
-            value = config.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str):
-                fields[key] = value
-    extra = {role: fields[key] for role, key in (("eos", "sep_token"), ("bos", "cls_token"))
-             if roles.get(role) is None and key in fields}
-    return {**roles, **extra} if "eos" in extra else {}
-
-
-def _read_tokenizer_json(file: Path) -> HFTokenizer:
-    try:
-        return HFTokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise ConversionError(f"{file} is not a valid tokenizer.json ({str(e)[:200]})") from None
 
 
 def _no_marian_tokenizer(folder: Path) -> str:
