@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
 from .layers import IGNORE_INDEX, MLP, ModelOutput, SelfAttention, cross_entropy, make_norm
-from .moe import CAUSAL_RULES, MoE, RoutedModel
+from .moe import MoE, RoutedModel
 
 
 class BertMLP(MLP):
@@ -149,9 +149,11 @@ class BERT(RoutedModel, nn.Module):
     def __init__(self, config: ModelConfig, moe: MoEConfig | None = None):
         super().__init__()
         self.config = config
-        self.moe_config = moe if moe is not None and moe.enabled else None
-        self.routing: str | None = None
-        self.record_routing = False  # True: stats["moe"][layer]["assignment"] holds each token's experts [B, T, E]
+        moe_layers = self._init_routing(config, moe)
+        if self.moe_config is not None and moe.train_causal and moe.router != "token_choice":
+            raise ChoicelmError("moe.train_causal=true makes a decoder route causally while it trains; an encoder has "
+                                "no future to leak and routes expert choice by true top-k, so set "
+                                "moe.train_causal=false (model.set_routing(...) still tries another rule)")
         D = config.n_embd
         self.embeddings = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, D),
@@ -160,7 +162,6 @@ class BERT(RoutedModel, nn.Module):
             ln=make_norm(config),
             drop=nn.Dropout(config.dropout),
         ))
-        moe_layers = self._moe_block_indices(config, self.moe_config)
         self.h = nn.ModuleList([MoEEncoderBlock(config, moe, i) if i in moe_layers else EncoderBlock(config)
                                 for i in range(config.n_layer)])
         self.mlm_head = self.lm_head = self.pooler = self.nsp_head = self.classifier = None
@@ -176,21 +177,6 @@ class BERT(RoutedModel, nn.Module):
                 self.nsp_head = nn.Linear(D, 2)
         self.cls_drop = nn.Dropout(config.dropout)
         self.reset_parameters()
-
-    @staticmethod
-    def _moe_block_indices(config: ModelConfig, moe: MoEConfig | None) -> list[int]:
-        """The blocks whose MLP is an MoE layer, numbered as GPT's: every moe.every-th block."""
-        if moe is None:
-            return []
-        if moe.train_causal and moe.router != "token_choice":
-            raise ChoicelmError("moe.train_causal=true makes a decoder route causally while it trains; an encoder has "
-                                "no future to leak and routes expert choice by true top-k, so set "
-                                "moe.train_causal=false (model.set_routing(...) still tries another rule)")
-        indices = [i for i in range(config.n_layer) if (i + 1) % moe.every == 0]
-        if not indices:
-            raise ChoicelmError(f"moe.every={moe.every} exceeds model.n_layer={config.n_layer}: no block would get an "
-                                "MoE layer; lower moe.every or set moe.experts=0 for a dense model")
-        return indices
 
     def _make_classifier(self, n_labels: int) -> None:
         self.pooler = nn.Linear(self.config.n_embd, self.config.n_embd)
@@ -362,12 +348,7 @@ class BERT(RoutedModel, nn.Module):
 
     def _output(self, moe_outs: dict, output_cls: type, **fields) -> ModelOutput:
         """The output, with an MoE model's aux loss and routing stats in GPT's structure."""
-        if not moe_outs:
-            return output_cls(**fields)
-        aux = [o.aux_loss for o in moe_outs.values() if o.aux_loss is not None]
-        rule = self.current_routing()
-        stats = {"routing": rule, "causal": rule in CAUSAL_RULES, "moe": {i: o.stats for i, o in moe_outs.items()}}
-        return output_cls(**fields, aux_loss=torch.stack(aux).sum() if aux else None, stats=stats)
+        return output_cls(**fields, **self.moe_output_fields(moe_outs))
 
     # ------------------------------------------------------------------------- MoE routing
 

@@ -99,14 +99,8 @@ class GPT(RoutedModel, nn.Module):
     def __init__(self, config: ModelConfig, moe: MoEConfig | None = None):
         super().__init__()
         self.config = config
-        self.moe_config = moe if moe is not None and moe.enabled else None
-        self.routing: str | None = None
-        self.record_routing = False  # True: stats["moe"][layer]["assignment"] holds each token's experts [B, T, E]
-        moe_layers = [i for i in range(config.n_layer) if self.moe_config and (i + 1) % moe.every == 0]
+        moe_layers = self._init_routing(config, moe)
         if self.moe_config:
-            if not moe_layers:
-                raise ChoicelmError(f"moe.every={moe.every} exceeds model.n_layer={config.n_layer}: no block would "
-                                    "get an MoE layer; lower moe.every or set moe.experts=0 for a dense model")
             if moe.router == "expert_choice" and not moe.allow_noncausal_training:
                 raise ChoicelmError("moe.router=expert_choice is not causal: each expert's top-k over the sequence "
                                     "lets later tokens decide how earlier tokens are routed, so a decoder can learn to "
@@ -228,12 +222,7 @@ class GPT(RoutedModel, nn.Module):
                 loss = cross_entropy(logits, targets_BT, loss_reduction)
         elif targets_BT is not None:
             loss = linear_cross_entropy(x_BTD.reshape(B * T, -1), self.lm_head.weight, targets_BT, loss_reduction)
-        if not moe_outs:
-            return ModelOutput(logits=logits, loss=loss)
-        aux = [o.aux_loss for o in moe_outs.values() if o.aux_loss is not None]
-        rule = self.current_routing()
-        stats = {"routing": rule, "causal": rule in CAUSAL_RULES, "moe": {i: o.stats for i, o in moe_outs.items()}}
-        return ModelOutput(logits=logits, loss=loss, aux_loss=torch.stack(aux).sum() if aux else None, stats=stats)
+        return ModelOutput(logits=logits, loss=loss, **self.moe_output_fields(moe_outs))
 
     def add_classifier(self, n_labels: int) -> "GPT":
         """Turn a (pretrained) language model into a classifier of n_labels classes for fine-tuning: a fresh

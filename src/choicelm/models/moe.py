@@ -316,10 +316,35 @@ class MoE(nn.Module):
 
 
 class RoutedModel:
-    """Routing-rule selection for a model with MoE layers (GPT, BERT). A subclass defines moe_layers() and
-    default_rule(layer), and sets self.routing = None and self.moe_config in __init__."""
+    """What GPT and BERT share about their MoE layers: which blocks get one, the routing rule, and how the layers'
+    aux losses and statistics come back in the output. A subclass calls _init_routing(config, moe) in __init__
+    and defines moe_layers() and default_rule(layer)."""
 
     routing: str | None = None
+
+    def _init_routing(self, config: ModelConfig, moe: MoEConfig | None) -> list[int]:
+        """Set moe_config, routing and record_routing; return the blocks whose MLP is an MoE layer: every
+        moe.every-th block (blocks every-1, 2*every-1, ...)."""
+        self.moe_config = moe if moe is not None and moe.enabled else None
+        self.routing = None
+        self.record_routing = False  # True: stats["moe"][layer]["assignment"] holds each token's experts [B, T, E]
+        if self.moe_config is None:
+            return []
+        blocks = [i for i in range(config.n_layer) if (i + 1) % moe.every == 0]
+        if not blocks:
+            raise ChoicelmError(f"moe.every={moe.every} exceeds model.n_layer={config.n_layer}: no block would get an "
+                                "MoE layer; lower moe.every or set moe.experts=0 for a dense model")
+        return blocks
+
+    def moe_output_fields(self, moe_outs: dict) -> dict:
+        """aux_loss (the layers' sum) and stats ({"routing", "causal", "moe": {block: stats}}) for the model's
+        output; {} for a dense model."""
+        if not moe_outs:
+            return {}
+        aux = [o.aux_loss for o in moe_outs.values() if o.aux_loss is not None]
+        rule = self.current_routing()
+        stats = {"routing": rule, "causal": rule in CAUSAL_RULES, "moe": {i: o.stats for i, o in moe_outs.items()}}
+        return {"aux_loss": torch.stack(aux).sum() if aux else None, "stats": stats}
 
     def moe_layers(self) -> list[MoE]:
         raise NotImplementedError
