@@ -290,12 +290,14 @@ def test_mlm_pretraining_learns_and_evaluate_reports_mlm_loss(prepared, tmp_path
     assert "bits_per_byte" not in result  # not comparable with a next-token model's
 
 
-def test_mlm_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path):
+@pytest.mark.parametrize("nsp", [False, True], ids=["mlm", "mlm+nsp"])
+def test_mlm_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path, nsp):
     """8 steps straight == 4 steps, checkpoint, 2 more, SIGKILL, --resume auto to 8; with dropout and
-    gradient accumulation (the masks depend on (seed, step, micro-batch), not on the global RNG)."""
+    gradient accumulation (the masks, and next-sentence pairs, depend on (seed, step, micro-batch), not on the
+    global RNG)."""
     _, data = prepared
     common = ["--config", BERT_TINY, "--data", data, "--train.max_steps=8", "--train.save_every=4",
-              "--train.eval_every=3", "--model.dropout=0.1", "--train.global_batch_size=8"]
+              "--train.eval_every=3", "--model.dropout=0.1", "--train.global_batch_size=8", f"--model.nsp={nsp}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # a subprocess like the killed run: in-process, earlier tests may have changed torch's global settings
     cli_subprocess("pretrain", *common, "--out", straight)
@@ -307,6 +309,7 @@ def test_mlm_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path):
     wa, wb = load_file(str(straight / "step-00000008" / "model.safetensors")), \
         load_file(str(killed / "step-00000008" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ("nsp_head.weight" in wa) == nsp
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -757,20 +760,3 @@ def test_nsp_pretraining_through_the_loop(prepared, tmp_path, monkeypatch):
 
     result = evaluate(run, data, ["ppl"], batch_size=4, max_batches=2)  # MLM + NSP, as the run's val_loss
     assert result["objective"] == "mlm+nsp" and 0 < result["loss"] < math.log(512) + math.log(2)
-
-
-def test_nsp_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path):
-    """As the MLM resume test, with next-sentence pairs: they too depend only on (seed, step, micro-batch)."""
-    _, data = prepared
-    common = ["--config", BERT_TINY, "--data", data, "--model.nsp=true", "--train.max_steps=8",
-              "--train.save_every=4", "--train.eval_every=3", "--model.dropout=0.1", "--train.global_batch_size=8"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    cli_subprocess("pretrain", *common, "--out", straight)
-    proc = cli_subprocess("pretrain", *common, "--out", killed, env_extra={KILL_AFTER_STEP_ENV: "6"}, check=False)
-    assert proc.returncode == -9
-    assert max(losses(killed)) == 6 and [c.step for c in ckpt.list_checkpoints(killed)] == [4]
-    cli_subprocess("pretrain", *common, "--out", killed, "--resume", "auto")
-    assert losses(killed) == losses(straight)
-    wa, wb = load_file(str(straight / "step-00000008" / "model.safetensors")), \
-        load_file(str(killed / "step-00000008" / "model.safetensors"))
-    assert "nsp_head.weight" in wa and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
