@@ -22,6 +22,8 @@ from choicelm.generation.seq2seq import generate_seq2seq
 from choicelm.interop import ConversionError, from_hf, to_hf
 from choicelm.interop.hf import load_hf_tokenizer
 
+from test_bert import randomize
+
 transformers = pytest.importorskip("transformers")
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are "
@@ -66,15 +68,6 @@ def bert_tokenizer_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bert_tok")
     transformers.BertTokenizerFast(tokenizer_object=hf).save_pretrained(folder)
     return folder
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights far from HF's near-zero init, so every tensor (biases, norms, token types) matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if name.endswith("LayerNorm.weight") else 0.0))
-    return model.eval()
 
 
 def bert_dir(root: Path, arch: str, tokenizer_dir: Path, seed: int = 0, **config) -> tuple[torch.nn.Module, Path]:
