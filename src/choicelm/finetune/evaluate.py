@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..errors import ChoicelmError
+from ..train.objectives import padding_mask
 from . import data as fd
 from . import metrics as fm
 
@@ -41,11 +42,10 @@ def classify_texts(lm, texts: list[str], batch_size: int = 32) -> list[tuple[str
     kind, max_len = lm.config.model.kind, lm.config.model.block_size
     data = fd.ClassificationDataset([fd.classification_ids(lm.tokenizer, t, kind, max_len) for t in texts],
                                     [0] * len(texts), lm.tokenizer.pad_id_or_eos)
-    mask_name = "attention_mask_BT" if kind == "bert" else "attention_mask_BS"
     out = []
     for i in range(0, len(texts), batch_size):
         ids_BT, mask_BT, _ = data.collate(list(range(i, min(i + batch_size, len(texts)))))
-        logits_BL = lm.model(ids_BT.to(lm.device), **{mask_name: mask_BT.to(lm.device)}).logits
+        logits_BL = lm.model(ids_BT.to(lm.device), **padding_mask(lm.model, mask_BT.to(lm.device))).logits
         for probs in logits_BL.float().softmax(-1).tolist():
             best = max(range(len(probs)), key=probs.__getitem__)
             out.append((lm.labels[best], dict(zip(lm.labels, probs))))

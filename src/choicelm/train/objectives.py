@@ -116,10 +116,15 @@ def classification(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tens
     """Sequence classification: (ids_BT, mask_BT, labels_B) -> cross-entropy summed over the labelled rows.
     An encoder pools its first position, a decoder the last real one (models/bert.py, models/gpt.py)."""
     ids_BT, mask_BT, labels_B = batch
-    config = getattr(model, "module", model).config  # through DDP's wrapper
-    mask_name = "attention_mask_BT" if config.kind == "bert" else "attention_mask_BS"
-    out = model(ids_BT, labels_B=labels_B, loss_reduction="sum", **{mask_name: mask_BT})
+    out = model(ids_BT, labels_B=labels_B, loss_reduction="sum", **padding_mask(model, mask_BT))
     return out.loss, int((labels_B != -100).sum()), out
+
+
+def padding_mask(model: torch.nn.Module, mask_BT: torch.Tensor) -> dict:
+    """The padding mask as the model's forward names it: an encoder's attention_mask_BT, a decoder's
+    attention_mask_BS (its keys may run past the new tokens when it decodes)."""
+    config = getattr(model, "module", model).config  # through DDP's wrapper
+    return {"attention_mask_BT" if config.kind == "bert" else "attention_mask_BS": mask_BT}
 
 
 def seq2seq_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
