@@ -462,11 +462,16 @@ def test_cli_chat_keeps_history_and_obeys_reset_and_quit(run_dir, capsys, monkey
         session.prompt_for("y" * 70)
 
 
-def test_decode_layout_keeps_values_and_outputs(tmp_path):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_decode_layout_keeps_values_and_outputs(tmp_path, monkeypatch, onednn):
+    """fp32: prepacked oneDNN linears, or without oneDNN weights re-stored [in, out]; same values and outputs."""
     from safetensors.torch import load_file, save_model
 
-    from choicelm.generation.layout import prepare_for_decoding, restore_layout
+    from choicelm.generation.layout import PackedLinear, prepare_for_decoding, restore_layout
 
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
     for make in (hf_gpt2, hf_llama):
         hf, model = make()
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -475,8 +480,11 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path):
             ref = model(idx).logits
             prepare_for_decoding(prepare_for_decoding(model))  # idempotent
             got = model(idx).logits
-        w = model.transformer.h[0].attn.c_attn.weight
-        assert w.stride() == (1, w.shape[0])  # stored [in, out]
+        c_attn = model.transformer.h[0].attn.c_attn
+        if onednn:
+            assert isinstance(c_attn, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+        else:
+            assert c_attn.weight.stride() == (1, c_attn.weight.shape[0])  # stored [in, out]
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         save_model(restore_layout(model), str(tmp_path / "m.safetensors"))  # safetensors wants contiguous
@@ -486,6 +494,10 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path):
         prepare_for_decoding(model)
         assert generate_ids(model, [prompt], GenerationConfig(max_new_tokens=32, temperature=0))[0].ids == \
             hf_generate(hf, prompt, max_new_tokens=32, do_sample=False)[0].tolist()
+        model.to(torch.bfloat16)  # new weights after packing: repacked, never the stale fp32 copy
+        with torch.no_grad():
+            packed = model(idx).logits
+        torch.testing.assert_close(packed, model(idx).logits.detach(), atol=2e-2, rtol=0)  # grad on: plain F.linear
 
 
 def test_bf16_prepacked_linears_give_the_same_logits_and_tokens():

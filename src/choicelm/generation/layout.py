@@ -1,24 +1,20 @@
 """Decode-friendly weights: the same values, in the layout the one-token kernels read fastest.
 
 Decoding multiplies one token's vector by every weight matrix: a matrix-vector product, bound by how
-fast the kernel streams the matrix. Measured on this project's CPU (DESIGN.md section 6, and
-benchmarks/generate_throughput.py):
-
-  fp32  nn.Linear keeps W as [out, in] and computes x @ W.T, which torch's BLAS path streams slowly for
-        one row; the same product over a contiguous [in, out] matrix runs 1.4-1.6x faster. (Hugging Face
-        GPT-2 gets that layout by accident: Conv1D stores [in, out].)
-  bf16  torch's bf16 matrix-vector path is slow in either layout; oneDNN with the weight prepacked into
-        its blocked format (what inductor's freezing pass does) is 1.5x faster at 1 row, 1.7x at 8, and
-        gives bit-identical results.
+fast the kernel streams the matrix. torch's default CPU paths stream a weight for one row at well under
+the memory bandwidth (nn.Linear's [out, in] fp32 weight at ~13 GB/s for GPT-2's output projection, on
+this project's CPU; bf16 slower still). oneDNN with the weight prepacked into its blocked format (what
+inductor's freezing pass does) streams it 1.5-2.5x faster, in fp32 and bf16 alike: GPT-2 124M decodes
+1.2x faster at batch 1 and 1.8x at batch 8 in fp32 (benchmarks/generate_throughput.py).
 
     prepare_for_decoding(model)
 
-re-stores every fp32 nn.Linear weight as the transpose of a contiguous [in, out] tensor (parameters keep
-their names, shapes and values; F.linear on such a weight runs as mm over the [in, out] storage), and
-gives every bf16 nn.Linear on CPU a prepacked oneDNN copy of its weight used in inference (no_grad)
-forwards. That copy costs the weight's size again in memory; it is rebuilt if the weight changes.
-A tied lm_head / wte pair is re-stored together; an embedding lookup in a strided row costs nothing.
-safetensors' save_model refuses a tied pair of non-contiguous weights: call restore_layout first.
+gives every fp32/bf16 nn.Linear on CPU a prepacked oneDNN copy of its weight, used in inference (no_grad)
+forwards; training forwards and other devices use the parameter as before. The copy costs the weight's
+size again in memory and is rebuilt if the weight changes. Without oneDNN, fp32 weights are instead
+re-stored as the transpose of a contiguous [in, out] tensor (same names, shapes and values; F.linear then
+runs as mm over the [in, out] storage, ~1.5x faster for one row than over [out, in]). safetensors'
+save_model refuses a tied pair of such non-contiguous weights: call restore_layout first.
 """
 
 from __future__ import annotations
@@ -29,20 +25,22 @@ import torch.nn.functional as F
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear whose no-grad bf16 CPU forward runs on a oneDNN-prepacked copy of the weight."""
+    """nn.Linear whose no-grad CPU forward runs on a oneDNN-prepacked copy of the weight (fp32 or bf16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu":
             return F.linear(x, w, self.bias)
-        if getattr(self, "_packed_version", None) != w._version:  # (re)pack after any in-place change
+        key = (w.data_ptr(), w.dtype, w._version)  # repack after an in-place change or a .to() / load
+        if getattr(self, "_packed_key", None) != key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            self._packed_version = w._version
+            self._packed_key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
 def _can_pack(w: torch.Tensor) -> bool:
-    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return (w.dtype in (torch.float32, torch.bfloat16) and w.device.type == "cpu"
+            and torch.backends.mkldnn.is_available())
 
 
 @torch.no_grad()
@@ -69,7 +67,7 @@ def restore_layout(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, PackedLinear):
             module.__class__ = nn.Linear
-            for name in ("_packed", "_packed_version"):
+            for name in ("_packed", "_packed_key"):
                 module.__dict__.pop(name, None)
     for p in model.parameters():
         if not p.is_contiguous():
