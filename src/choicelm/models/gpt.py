@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
-from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, linear_cross_entropy, make_mlp,
-                     make_norm, rope_cos_sin)
+from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, kv_cache_dtype, linear_cross_entropy,
+                     make_mlp, make_norm, rope_cos_sin)
 from .moe import CAUSAL_RULES, MoE, RoutedModel
 
 
@@ -262,7 +262,8 @@ class GPT(RoutedModel, nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """A zeroed static cache for batch_size sequences of up to max_len (default block_size) positions,
-        on the model's device, in the autocast dtype when called under autocast, else the parameter dtype."""
+        on the model's device, for the autocast dtype when called under autocast, else the parameter dtype
+        (layers.kv_cache_dtype: fp32 on CPU for bf16/fp16)."""
         max_len = max_len or self.config.block_size
         if max_len > self.config.block_size:
             raise ChoicelmError(f"KV cache length {max_len} exceeds the model's block size {self.config.block_size}")
@@ -270,7 +271,7 @@ class GPT(RoutedModel, nn.Module):
         device = torch.device(device) if device is not None else weight.device
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+            dtype = kv_cache_dtype(device, torch.get_autocast_dtype(device.type) if autocast else weight.dtype)
         return KVCache(self.config.n_layer, batch_size, self.config.kv_heads, max_len, self.config.head_dim,
                        device=device, dtype=dtype)
 

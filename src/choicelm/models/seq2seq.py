@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import ChoicelmError
-from .layers import KVCache, ModelOutput, SelfAttention, cross_entropy, make_mlp, make_norm, rope_cos_sin
+from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, kv_cache_dtype, make_mlp, make_norm,
+                     rope_cos_sin)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
@@ -258,7 +259,7 @@ class Seq2Seq(nn.Module):
             raise ChoicelmError(f"cache length {max_len} exceeds the model's block size {self.config.block_size}")
         kv = self.cross_kv(enc_BSD)
         cross_k, cross_v = torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
-        dtype = dtype or cross_k.dtype
+        dtype = dtype or kv_cache_dtype(enc_BSD.device, cross_k.dtype)
         self_kv = KVCache(self.n_decoder_layer, enc_BSD.shape[0], self.config.kv_heads, max_len, self.config.head_dim,
                           device=enc_BSD.device, dtype=dtype)
         mask = None if src_mask_BS is None else src_mask_BS.to(torch.bool)
