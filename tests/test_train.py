@@ -258,10 +258,15 @@ def test_keep_last_and_best(prepared, tmp_path):
     assert not list(run.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("flags", [["--train.compile=true"], ["--train.precision=bf16"]], ids=["compile", "bf16"])
-def test_compile_and_bf16_track_the_fp32_eager_losses(prepared, tmp_path, flags):
+MOE_FLAGS = ["--moe.experts=4", "--moe.every=1", "--moe.router=token_choice", "--moe.dropless=true"]
+
+
+@pytest.mark.parametrize("flags,model", [(["--train.compile=true"], []), (["--train.precision=bf16"], []),
+                                         (["--train.compile=true"], MOE_FLAGS)], ids=["compile", "bf16", "compile-moe"])
+def test_compile_and_bf16_track_the_fp32_eager_losses(prepared, tmp_path, flags, model):
+    """A compiled MoE block runs its (dynamic-shape) routing eagerly, with the same losses."""
     _, data = prepared
-    common = ["--config", TINY, "--data", data, "--train.max_steps=3", "--train.eval_every=0"]
+    common = ["--config", TINY, "--data", data, "--train.max_steps=3", "--train.eval_every=0", *model]
     run_cli("pretrain", *common, "--out", tmp_path / "eager")
     run_cli("pretrain", *common, "--out", tmp_path / "other", *flags)
     eager, other = losses(tmp_path / "eager"), losses(tmp_path / "other")

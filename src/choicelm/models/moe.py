@@ -149,6 +149,9 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------------- forward
 
+    # Routing has data-dependent shapes (dropless pads to the busiest expert) and host syncs: under torch.compile
+    # it graph-breaks and recompiles every few steps, so a compiled block runs its MoE layer eagerly.
+    @torch.compiler.disable
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None, rule: str | None = None,
                 record: bool = False) -> MoEOutput:
         """x_BTD: the normalised hidden states. valid_BT: bool, False = padding (never routed).
