@@ -395,6 +395,24 @@ def test_moe_aux_loss_keeps_its_graph_for_the_loop():
         torch.testing.assert_close(p.grad, e)
 
 
+@pytest.mark.parametrize("method", ["fgm", "pgd"])
+def test_only_the_clean_pass_updates_expert_choice_thresholds(method):
+    torch.manual_seed(0)
+    moe = MoEConfig(experts=4, every=1, router="expert_choice_causal")
+    model = GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=D, dropout=0.0), moe).train()
+    batch = lm_batch()
+    causal_lm(model, batch)  # one plain training pass: what the thresholds should see of this batch
+    expected = [(m.threshold.clone(), int(m.threshold_updates)) for m in model.moe_layers()]
+    for m in model.moe_layers():
+        m.threshold.zero_()
+        m.threshold_updates.zero_()
+    steps = 3 if method == "pgd" else 1
+    AdversarialObjective(causal_lm, method, epsilon=0.5, steps=steps)(model, batch)
+    for m, (threshold, updates) in zip(model.moe_layers(), expected):
+        assert int(m.threshold_updates) == updates == 1 and m.track_thresholds
+        torch.testing.assert_close(m.threshold, threshold)
+
+
 def test_a_ddp_wrapped_model_gives_the_same_gradients():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

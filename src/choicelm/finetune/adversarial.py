@@ -44,7 +44,8 @@ Notes:
   with length: longer sequences get smaller per-token changes (Miyato's convention). For scale: N(0, 0.02)
   embeddings have norm about 0.02 * sqrt(T * D) per sequence (9 for T=256, D=768).
 - In eval mode (model.training False) or without gradients, the wrapper is exactly the wrapped objective.
-- The returned output is the clean pass's, so MoE auxiliary losses and routing statistics are the clean ones.
+- The returned output is the clean pass's, so MoE auxiliary losses and routing statistics are the clean ones;
+  only the clean pass updates expert-choice routing thresholds (the perturbed passes see the same batch).
 - The wrapped objective runs several times per batch, so an objective carrying state across calls (the LSTM's
   TruncatedBPTT) is refused; MLM's `prepare` (masking before the objective) is passed through.
 - Wrapped models (DDP's .module, torch.compile's ._orig_mod) are unwrapped to find the embedding. Under
@@ -63,6 +64,7 @@ import torch.nn as nn
 
 from ..errors import ChoicelmError
 from ..models import BERT, GPT, LSTMLM, Seq2Seq
+from ..models.moe import thresholds_frozen
 
 METHODS = ("fgm", "pgd")
 PGD_STEP_FACTOR = 1.25  # default step_size = PGD_STEP_FACTOR * epsilon / steps
@@ -213,8 +215,10 @@ class AdversarialObjective:
         return (clean_part + adversarial_loss) / 2, n_valid, clean_out
 
     def _pass(self, model, batch, embedding, delta, need_grad: bool):
-        """(loss, n_valid, output, embedding output) of the wrapped objective with delta added to the lookup."""
-        with _hooked(embedding, delta, need_grad) as hook:
+        """(loss, n_valid, output, embedding output) of the wrapped objective with delta added to the lookup.
+        Only the clean pass (delta None) updates MoE routing thresholds."""
+        frozen = thresholds_frozen(model) if delta is not None else contextlib.nullcontext()
+        with _hooked(embedding, delta, need_grad) as hook, frozen:
             loss, n_valid, out = self.objective(model, batch)
         if hook.output is None:
             raise ChoicelmError(f"the objective never ran the model's input embedding ({type(embedding).__name__} "

@@ -105,6 +105,7 @@ class MoE(nn.Module):
             self.register_buffer("threshold", torch.zeros(E))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         self.predictor = nn.Linear(D, E) if cfg.router == "expert_choice_causal" else None
+        self.track_thresholds = True  # off inside thresholds_frozen()
         self.reset_parameters(0.02, 0.02 / math.sqrt(2 * model_cfg.n_layer))
 
     # ------------------------------------------------------------------------- rules
@@ -248,7 +249,7 @@ class MoE(nn.Module):
         topk_NE = torch.zeros(N, E, dtype=torch.bool, device=probs_NE.device).index_put((tok_EM, e_EM), keep_EM)
         topk_NE = self._cap(topk_NE, probs_NE)  # the teacher: what top-k routing picks
 
-        if self.training:
+        if self.training and self.track_thresholds:
             with torch.no_grad():  # running estimate of each expert's top-k cut-off
                 if int(self.threshold_updates) == 0:
                     self.threshold.copy_(cutoff_E)
@@ -315,6 +316,21 @@ class MoE(nn.Module):
         balance = E * (f_E * P_E).sum()
         dropped = 1.0 - keep_A.sum() / n_assign
         return idx_EC, gate_EC, assign_NE, balance, dropped
+
+
+@contextlib.contextmanager
+def thresholds_frozen(model: nn.Module):
+    """Training-mode forwards inside leave every MoE layer's running top-k thresholds alone: extra passes over
+    the same batch (adversarial training's perturbed passes) are not more data to estimate them from."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [m.track_thresholds for m in layers]
+    for m in layers:
+        m.track_thresholds = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.track_thresholds = flag
 
 
 # ----------------------------------------------------------------------------- helpers
