@@ -225,14 +225,15 @@ def marian_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def marian_dir(root: Path, seed: int = 0, shared: bool = True, tied: bool = True) -> tuple[torch.nn.Module, Path]:
-    """A random MarianMTModel with choicelm's layout (tanh GELU, scaled embeddings), saved without a tokenizer,
-    as a Marian folder is as far as choicelm can tell (its SentencePiece files are unreadable here)."""
+def marian_dir(root: Path, seed: int = 0, shared: bool = True, tied: bool = True,
+               act: str = "gelu_new") -> tuple[torch.nn.Module, Path]:
+    """A random MarianMTModel with choicelm's layout (tanh GELU or swish, scaled embeddings), saved without a
+    tokenizer, as a Marian folder is as far as choicelm can tell (its SentencePiece files are unreadable here)."""
     torch.manual_seed(seed)
     hf = transformers.MarianMTModel(transformers.MarianConfig(
         vocab_size=MARIAN_VOCAB if shared else MARIAN_VOCAB + 8, decoder_vocab_size=MARIAN_VOCAB, d_model=32,
         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, activation_function="gelu_new", max_position_embeddings=64,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, activation_function=act, max_position_embeddings=64,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, eos_token_id=EOS,
         decoder_start_token_id=PAD, forced_eos_token_id=None, scale_embedding=True,
         share_encoder_decoder_embeddings=shared, tie_word_embeddings=tied)).eval()
@@ -249,13 +250,16 @@ def marian_dir(root: Path, seed: int = 0, shared: bool = True, tied: bool = True
     return hf, folder
 
 
-@pytest.mark.parametrize("shared,tied", [(True, True), (False, True), (True, False)])
-def test_marian_import_logits_and_greedy_generation_match_hugging_face(tmp_path, marian_tokenizer_dir, shared, tied):
-    hf, src = marian_dir(tmp_path, seed=1, shared=shared, tied=tied)
+@pytest.mark.parametrize("shared,tied,act", [(True, True, "swish"), (False, True, "gelu_new"),
+                                             (True, False, "gelu_new")])
+def test_marian_import_logits_and_greedy_generation_match_hugging_face(tmp_path, marian_tokenizer_dir, shared, tied,
+                                                                       act):
+    """swish is what the released opus-mt models use."""
+    hf, src = marian_dir(tmp_path, seed=1, shared=shared, tied=tied, act=act)
     lm = choicelm.load(from_hf(src, tmp_path / "ck", tokenizer=marian_tokenizer_dir), device="cpu")
     c = lm.config.model
-    assert (c.kind, c.pos, c.norm_placement, c.src_vocab_size, c.tie_embeddings) == \
-        ("seq2seq", "sinusoidal", "post", 0 if shared else MARIAN_VOCAB + 8, tied)
+    assert (c.kind, c.pos, c.norm_placement, c.src_vocab_size, c.tie_embeddings, c.mlp) == \
+        ("seq2seq", "sinusoidal", "post", 0 if shared else MARIAN_VOCAB + 8, tied, "silu" if act == "swish" else "gelu")
     tok = lm.tokenizer
     assert (tok.eos_id, tok.pad_id, tok.bos_id, decoder_start_id(tok)) == (EOS, PAD, None, PAD)
 
@@ -307,7 +311,7 @@ def test_marian_needs_a_tokenizer_json(tmp_path, marian_tokenizer_dir, capsys):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"activation_function": "swish"}, "Marian activation_function='swish' is not supported"),
+    ({"activation_function": "relu"}, "Marian activation_function='relu' is not supported"),
     ({"scale_embedding": False}, "Marian scale_embedding=false is not supported"),
     ({"decoder_attention_heads": 2}, "encoder_attention_heads=4 but decoder_attention_heads=2 is not supported"),
     ({"decoder_vocab_size": 50}, "share_encoder_decoder_embeddings=true with decoder_vocab_size=50 != vocab_size=96"),

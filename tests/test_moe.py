@@ -37,6 +37,8 @@ def expert_ref(m: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
         gate, up = x_D @ w_in[:, :FW], x_D @ w_in[:, FW:]
         return (gate * torch.sigmoid(gate) * up) @ w_out
     h = x_D @ w_in
+    if m.experts.act == "silu":
+        return h * torch.sigmoid(h) @ w_out
     return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))) @ w_out
 
 
@@ -110,7 +112,7 @@ def test_shipped_configs_build(name):
 # ----------------------------------------------------------------------------- the layer
 
 
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "silu"])
 @pytest.mark.parametrize("cap", [0, 1])
 def test_expert_choice_equals_per_expert_reference(mlp, cap):
     m = layer(mlp, router="expert_choice_causal", capacity=2.0, max_experts_per_token=cap).train()

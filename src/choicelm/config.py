@@ -57,10 +57,12 @@ class ModelConfig:
     n_head: int = _f(12, "number of attention (query) heads")
     n_kv_head: int = _f(0, "key/value heads for grouped-query attention; 0 = n_head (multi-head attention)")
     n_embd: int = _f(768, "model width (residual stream size)")
-    mlp_hidden: int = _f(0, "MLP hidden width; 0 = 4*n_embd for gelu, 8/3*n_embd rounded up to 256 for swiglu")
+    mlp_hidden: int = _f(0, "MLP hidden width; 0 = 4*n_embd for gelu and silu, 8/3*n_embd rounded up to 256 for "
+                            "swiglu")
     norm: str = _f("layernorm", "normalisation: layernorm | rmsnorm")
     norm_eps: float = _f(1e-5, "epsilon of the normalisation layers")
-    mlp: str = _f("gelu", "MLP type: gelu (GPT-2, tanh approximation) | swiglu (Llama)")
+    mlp: str = _f("gelu", "MLP type: gelu (GPT-2, tanh approximation) | swiglu (Llama) | "
+                           "silu (Marian's swish, not gated)")
     pos: str = _f("learned", "positions: learned (GPT-2 table) | rope (rotary, Llama) | "
                            "sinusoidal (fixed sin/cos table, Marian layout; seq2seq only)")
     rope_theta: float = _f(10000.0, "rotary base frequency (pos=rope only)")
@@ -83,7 +85,7 @@ class ModelConfig:
         s = "model"
         _choice(s, "kind", self.kind, ("gpt", "lstm", "ngram", "seq2seq", "bert"))
         _choice(s, "norm", self.norm, ("layernorm", "rmsnorm"))
-        _choice(s, "mlp", self.mlp, ("gelu", "swiglu"))
+        _choice(s, "mlp", self.mlp, ("gelu", "swiglu", "silu"))
         _choice(s, "pos", self.pos, ("learned", "rope", "sinusoidal"))
         _choice(s, "norm_placement", self.norm_placement, ("pre", "post"))
         _positive(s, self, "n_decoder_layer", "src_vocab_size", allow_zero=True)

@@ -84,7 +84,7 @@ eos/bos: its [SEP] becomes the end-of-text token and [CLS] the bos, so classific
 Only layouts both sides compute identically are converted; anything else (another architecture,
 rope scaling, a non-tanh GELU, GPT-2 without biases, learned positions with RMSNorm, MoE other than Mixtral's
 (expert choice, every > 1, a shared expert, GELU experts), Mixtral with biases, BERT with relative positions,
-Marian with swish or unscaled embeddings) is refused with a message naming the
+Marian with unscaled embeddings) is refused with a message naming the
 field. Nothing is overwritten without overwrite=True, and the output appears complete or not at all
 (written to a temporary folder, fsynced, renamed).
 """
@@ -126,6 +126,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "bert": BERT_MODEL, "marian": MARI
 _DEFAULT_ROPE_THETA = {LLAMA: 10000.0, MIXTRAL: 1e6}  # transformers' defaults when config.json names none
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # what choicelm's MLP computes (F.gelu approximate="tanh")
+_SILU = ("swish", "silu")  # what it computes with mlp=silu
 
 
 class ConversionError(ChoicelmError):
@@ -294,9 +295,9 @@ def _marian_config(c: dict, arch: str) -> ModelConfig:
     _require(c, arch, "vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
              "encoder_ffn_dim")
     act = c.get("activation_function", "gelu")
-    if act not in _GELU_TANH:
+    if act not in _GELU_TANH + _SILU:  # swish: the released opus-mt models
         raise ConversionError(f"Marian activation_function={act!r} is not supported; choicelm's encoder-decoder MLP "
-                              f"is the tanh GELU ({' or '.join(_GELU_TANH)})")
+                              f"computes the tanh GELU ({' or '.join(_GELU_TANH)}) or swish/silu")
     if not c.get("scale_embedding", False):
         raise ConversionError("Marian scale_embedding=false is not supported; choicelm multiplies token embeddings "
                               "by sqrt(d_model) (scale_embedding=true, as in the released opus-mt models)")
@@ -313,7 +314,7 @@ def _marian_config(c: dict, arch: str) -> ModelConfig:
                        block_size=c.get("max_position_embeddings", 1024), n_layer=c["encoder_layers"],
                        n_decoder_layer=c["decoder_layers"], n_head=c["encoder_attention_heads"], n_embd=c["d_model"],
                        mlp_hidden=c["encoder_ffn_dim"], norm="layernorm", norm_eps=1e-5,  # HF's nn.LayerNorm default
-                       mlp="gelu", pos="sinusoidal", norm_placement="post", bias=True,
+                       mlp="silu" if act in _SILU else "gelu", pos="sinusoidal", norm_placement="post", bias=True,
                        tie_embeddings=c.get("tie_word_embeddings", True), dropout=float(c.get("dropout", 0.0)))
 
 

@@ -259,7 +259,8 @@ CausalSelfAttention = SelfAttention  # the decoder's name for it; SelfAttention(
 
 
 class MLP(nn.Module):
-    """GPT-2 MLP: c_proj(gelu_tanh(c_fc(x))). F.gelu(approximate="tanh") == HF `gelu_new` to rounding."""
+    """GPT-2 MLP: c_proj(gelu_tanh(c_fc(x))). F.gelu(approximate="tanh") == HF `gelu_new` to rounding.
+    With mlp=silu the activation is silu (Marian's `swish`): c_proj(silu(c_fc(x)))."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -267,9 +268,15 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.hidden_size, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
+        self.act = config.mlp
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x_BTD), approximate="tanh")))
+        return self.dropout(self.c_proj(activation(self.c_fc(x_BTD), self.act)))
+
+
+def activation(h: torch.Tensor, mlp: str) -> torch.Tensor:
+    """The non-gated MLP activation of model.mlp: silu for "silu", else the tanh GELU."""
+    return F.silu(h) if mlp == "silu" else F.gelu(h, approximate="tanh")
 
 
 class SwiGLU(nn.Module):

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, MoEConfig
 from ..errors import ChoicelmError
+from .layers import activation
 
 RULES = ("topk", "threshold", "predictor", "capacity", "dropless")
 CAUSAL_RULES = ("threshold", "predictor", "dropless")
@@ -64,6 +65,7 @@ class Experts(nn.Module):
 
     swiglu: w_in [E, D, 2F] = [gate | up], y = (silu(x @ gate) * (x @ up)) @ w_out   (Mixtral/Llama)
     gelu:   w_in [E, D, F],                y = gelu_tanh(x @ w_in) @ w_out          (GPT-2)
+    silu:   w_in [E, D, F],                y = silu(x @ w_in) @ w_out
     w_out [E, F, D]. No biases.
     """
 
@@ -84,7 +86,7 @@ class Experts(nn.Module):
             gate_ECF, up_ECF = h_ECF.chunk(2, dim=-1)
             h_ECF = F.silu(gate_ECF) * up_ECF
         else:
-            h_ECF = F.gelu(h_ECF, approximate="tanh")
+            h_ECF = activation(h_ECF, self.act)
         return torch.bmm(h_ECF, self.w_out)
 
 

@@ -8,9 +8,9 @@ Options (ModelConfig): positions learned | sinusoidal (Marian's fixed table) | r
 norms before each sub-layer plus a final norm (norm_placement=pre, GPT-2 style, trains easily) or after each
 residual add (post: the original Transformer, Marian, BART); one vocabulary shared by source and target
 (one embedding) or separate ones (src_vocab_size > 0); lm_head tied to the target embedding.
-With pos=sinusoidal, norm_placement=post, mlp=gelu, bias=true this is exactly Hugging Face's MarianMTModel
-(scale_embedding=True as in the released opus-mt models, activation_function="gelu_new", zero
-final_logits_bias).
+With pos=sinusoidal, norm_placement=post, mlp=silu, bias=true this is exactly Hugging Face's MarianMTModel
+(scale_embedding=True and activation_function="swish" as in the released opus-mt models, zero
+final_logits_bias); mlp=gelu is activation_function="gelu_new".
 
 Generation (generation/seq2seq.py drives it): `encode(src)` once per source, `new_cache(enc)` computes every
 decoder layer's cross-attention keys/values once, then `decode(tokens, cache, start_pos)` runs the new target
