@@ -11,7 +11,8 @@ process (interleaved), figures are medians of the rounds.
 
 Bandwidth bound: at batch 1 every decoded token reads every weight matrix once (wte serves as the output
 projection; wpe is one row), so tokens/s <= copy bandwidth / weight bytes. Copy bandwidth is measured
-here as STREAM does (bytes read + bytes written, per second, copying a 512 MB buffer), median of 5.
+here as STREAM does (bytes read + bytes written, per second, copying a 512 MB buffer): once before
+each round of batch-1 timings, so it sees the same machine conditions, and the median is used.
 
 Time to first token: a 512-token prompt, one new token (prefill + one sample), median.
 """
@@ -48,15 +49,26 @@ def build_pair(args):
     return hf, model
 
 
-def copy_bandwidth() -> float:
-    src = torch.ones(128 * 1024 * 1024 // 1, dtype=torch.float32)  # 512 MB
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / statistics.median(times[1:])
+class CopyBandwidth:
+    """STREAM-style copy bandwidth (bytes read + written per second) of a 512 MB buffer; measure() adds one
+    sample (the median of 3 copies), median() is over every sample so far."""
+
+    def __init__(self):
+        self.src = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # fault the pages in
+        self.samples: list[float] = []
+
+    def measure(self) -> None:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            self.dst.copy_(self.src)
+            times.append(time.perf_counter() - t0)
+        self.samples.append(2 * self.src.nbytes / statistics.median(times))
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
 
 def weight_bytes(model: GPT) -> int:
@@ -100,8 +112,7 @@ def main() -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-    bw = copy_bandwidth()
-    print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s")
+    bw = CopyBandwidth()
     hf32, cl32 = build_pair(args)
     g = torch.Generator().manual_seed(1)
 
@@ -110,13 +121,14 @@ def main() -> None:
         hf, cl = hf32.to(dtype), cl32.to(dtype)  # the same weights, rounded
         if not args.plain_layout:
             prepare_for_decoding(cl)  # what choicelm.load does
-        bound = bw / weight_bytes(cl)
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = torch.randint(0, 50257, (batch, args.prompt), generator=g)
             run_choicelm(cl, ids, 2), run_hf(hf, ids, 2)  # warm-up
             rates = {"choicelm": [], "hf": []}
             same = True
             for _ in range(args.rounds):
+                if batch == 1:
+                    bw.measure()
                 for name, fn, m in (("choicelm", run_choicelm, cl), ("hf", run_hf, hf)):
                     t_full, toks = fn(m, ids, args.new_tokens)
                     t_one, _ = fn(m, ids, 1)
@@ -129,7 +141,9 @@ def main() -> None:
             line = (f"{dname} batch {batch}: choicelm {c:7.1f} tok/s   HF {h:7.1f} tok/s   ratio {c / h:4.2f}x"
                     f"   same tokens: {same}")
             if batch == 1:
-                line += f"   bandwidth bound {bound:6.1f} tok/s: choicelm {c / bound:4.0%}, HF {h / bound:4.0%}"
+                bound = bw.median() / weight_bytes(cl)
+                line += (f"   bandwidth bound {bound:6.1f} tok/s ({bw.median() / 1e9:.1f} GB/s copy): "
+                         f"choicelm {c / bound:4.0%}, HF {h / bound:4.0%}")
             print(line, flush=True)
         # time to first token, long prompt
         ids = torch.randint(0, 50257, (1, args.ttft_prompt), generator=g)
