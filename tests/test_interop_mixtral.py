@@ -94,6 +94,23 @@ def test_import_mixtral_logits_equal_hugging_face(tmp_path, tokenizer_dir, tied)
     assert (lm.tokenizer.eos_id, lm.tokenizer.bos_id) == (2, 1)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_imported_balance_loss_equals_hugging_faces(tmp_path, tokenizer_dir, top_k):
+    """One layer: choicelm's aux loss equals transformers' router_aux_loss_coef * aux_loss (output_router_logits);
+    the checkpoint's balance_loss_weight is router_aux_loss_coef * top_k / n_layer, and exports back unchanged."""
+    hf = mixtral_hf(seed=3, num_hidden_layers=1, num_experts_per_tok=top_k)
+    out = from_hf(save_hf(hf, tmp_path / "hf", tokenizer_dir), tmp_path / "ck")
+    lm = choicelm.load(out, device="cpu")
+    assert lm.model.moe_config.balance_loss_weight == pytest.approx(0.02 * top_k)
+    idx = torch.randint(0, V, (2, 32))
+    with torch.no_grad():
+        want = 0.02 * hf(idx, output_router_logits=True).aux_loss
+        got = lm.model(idx).aux_loss
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    back = to_hf(out, tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["router_aux_loss_coef"] == pytest.approx(0.02)
+
+
 def test_import_mixtral_padded_batch_logits_equal_hugging_face(tmp_path, tokenizer_dir):
     hf = mixtral_hf(seed=1)
     lm = choicelm.load(from_hf(save_hf(hf, tmp_path / "hf", tokenizer_dir), tmp_path / "ck"), device="cpu")
@@ -222,7 +239,7 @@ def test_export_mixtral_logits_equal_choicelm(tmp_path, tokenizer_dir, tied, moe
     c = hf.config
     assert (c.num_local_experts, c.num_experts_per_tok, c.intermediate_size, c.router_aux_loss_coef,
             c.sliding_window, c.tie_word_embeddings, c.rope_parameters["rope_theta"]) == \
-        (E, moe["top_k"], 80, 0.02, None, tied, 5000.0)
+        (E, moe["top_k"], 80, pytest.approx(0.02 * 2 / moe["top_k"]), None, tied, 5000.0)  # x n_layer / top_k
     idx = torch.randint(0, V, (2, 40))
     torch.testing.assert_close(logits(hf, idx), logits(net, idx), atol=1e-5, rtol=0)
     assert (transformers.GenerationConfig.from_pretrained(out).eos_token_id, c.bos_token_id) == (2, 1)

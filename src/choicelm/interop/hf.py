@@ -45,7 +45,12 @@ Mixtral is Llama's attention and norms (no biases) with an MoE layer in every bl
     intermediate_size                    expert_width       (and model.mlp_hidden)
     num_experts_per_tok                  top_k              (router = token_choice, renormalize = true,
     router_aux_loss_coef                 balance_loss_weight  dropless = true: Mixtral drops no token;
-                                                            z_loss_weight = 0: Mixtral has no z-loss)
+                                           (rescaled, below)  z_loss_weight = 0: Mixtral has no z-loss)
+
+Mixtral's balance loss is one Switch loss over all layers' routing pooled, with top-k shares that sum to top_k;
+choicelm's is a sum of per-layer Switch losses with shares that sum to 1. So balance_loss_weight =
+router_aux_loss_coef * top_k / num_hidden_layers (and back on export): the same loss for one layer, and for
+more layers the same whenever the layers route alike (pooling averages them; choicelm's sum does not pool).
 
 Mixtral's inference is reproduced exactly. A sliding_window below max_position_embeddings becomes the block size
 (within it the window masks nothing; longer inputs are refused); router_jitter_noise only perturbs training in
@@ -242,11 +247,13 @@ def moe_config_from_hf(hf_config: dict) -> MoEConfig | None:
     if architecture(hf_config) != MIXTRAL:
         return None
     c = hf_config
-    _require(c, MIXTRAL, "num_local_experts", "num_experts_per_tok", "intermediate_size")
+    _require(c, MIXTRAL, "num_local_experts", "num_experts_per_tok", "intermediate_size", "num_hidden_layers")
+    top_k, n_layer = c["num_experts_per_tok"], c["num_hidden_layers"]
     try:
         return MoEConfig(experts=c["num_local_experts"], every=1, expert_width=c["intermediate_size"],
-                         router="token_choice", top_k=c["num_experts_per_tok"], renormalize=True, dropless=True,
-                         balance_loss_weight=float(c.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0)
+                         router="token_choice", top_k=top_k, renormalize=True, dropless=True,
+                         balance_loss_weight=float(c.get("router_aux_loss_coef", 0.001)) * top_k / n_layer,
+                         z_loss_weight=0.0)
     except ChoicelmError as e:  # MoEConfig's own checks (top_k > experts, experts = 1)
         raise ConversionError(f"{MIXTRAL} config.json cannot be converted: {e}") from None
 
@@ -405,7 +412,8 @@ def hf_config_from_model(config: ModelConfig, tokenizer: Tokenizer | None = None
                 "attention_bias": config.bias, "mlp_bias": config.bias, "pretraining_tp": 1}
     return {**common, **attention, "model_type": "mixtral", "intermediate_size": moe.expert_width or config.hidden_size,
             "num_local_experts": moe.experts, "num_experts_per_tok": moe.top_k, "sliding_window": None,
-            "router_aux_loss_coef": moe.balance_loss_weight, "router_jitter_noise": 0.0, "output_router_logits": False}
+            "router_aux_loss_coef": moe.balance_loss_weight * config.n_layer / moe.top_k,  # see the module docstring
+            "router_jitter_noise": 0.0, "output_router_logits": False}
 
 
 # ----------------------------------------------------------------------------- weights
