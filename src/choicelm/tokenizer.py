@@ -385,7 +385,7 @@ def read_special_tokens(folder: Path) -> dict[str, str | None]:
             if key in config:
                 value = config[key]
                 value = value.get("content") if isinstance(value, dict) else value
-                if key.startswith((role + "_")):
+                if key == f"{role}_token":
                     roles[role] = value
                 elif isinstance(value, str):
                     bert[role] = value

@@ -74,10 +74,11 @@ def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile each transformer block in place (torchtitan's per-block compile) and return the model.
 
     Inductor then fuses each block's norms, activations and residual adds, while the embedding lookup and the
-    chunked cross-entropy (a custom autograd function, which breaks a whole-model graph) stay eager. Measured
-    on this project's CPU (6 x 384 GPT, bf16, interleaved): 1.06x eager, where compiling the whole model was
-    0.7x. The blocks are the ModuleLists named `h` (GPT-2's name: GPT, BERT, both halves of a Seq2Seq); a
-    model without them (an LSTM) is compiled whole.
+    chunked cross-entropy (a custom autograd function, which breaks a whole-model graph) stay eager, and so does
+    an MoE layer inside a block (models/moe.py: its routing has data-dependent shapes). Measured on this
+    project's CPU (6 x 384 GPT, bf16, interleaved): 1.0-1.06x eager, where compiling the whole model was 0.7x.
+    The blocks are the ModuleLists named `h` (GPT-2's name: GPT, BERT, both halves of a Seq2Seq); a model
+    without them (an LSTM) is compiled whole.
     """
     block_lists = [m for name, m in model.named_modules()
                    if name.split(".")[-1] == "h" and isinstance(m, torch.nn.ModuleList)]
