@@ -550,3 +550,59 @@ def test_the_same_loop_drives_the_lstm():
     assert alone[0] == ids[3:]
     beams = generate_ids(model, [prompts[0]], GenerationConfig(max_new_tokens=8, num_beams=3, num_return_sequences=3))
     assert len(beams) == 3 and beams[0].ids != beams[1].ids
+
+
+@pytest.mark.parametrize("layout", ["gpt2", "llama"])
+def test_fused_decode_step_gives_hugging_face_logits(layout):
+    """FusedStep (what generation uses on a prepared dense GPT) against HF's full forward of each row alone:
+    fp32 logits equal to 1e-5 at every step, for a left-padded batch (per-row mask and positions)."""
+    from choicelm.generation.fused_step import FusedStep
+    from choicelm.generation.layout import prepare_for_decoding
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    hf, model = PAIRS[layout]()
+    prepare_for_decoding(model)
+    assert FusedStep.supports(model)
+    step = FusedStep(model)
+    rows = [prompt_ids(4, 21), prompt_ids(9, 22)]
+    L, steps = 9, 6
+    n_pad_B = torch.tensor([L - len(r) for r in rows])
+    ids_BL = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    mask_BS = torch.arange(L + steps)[None, :] >= n_pad_B[:, None]
+    cache = model.new_kv_cache(2, L + steps)
+    with torch.no_grad():
+        model(ids_BL, kv_cache=cache, attention_mask_BS=mask_BS[:, :L],
+              position_ids_BT=(torch.arange(L)[None, :] - n_pad_B[:, None]).clamp(min=0))
+        for t in range(L, L + steps):
+            tok_B = torch.tensor(prompt_ids(2, 100 + t))
+            got_BV = step(tok_B, cache, t, mask_BS[:, :t + 1], t - n_pad_B)
+            for b in range(2):
+                rows[b].append(int(tok_B[b]))
+                ref_V = hf(torch.tensor([rows[b]])).logits[0, -1]
+                torch.testing.assert_close(got_BV[b], ref_V, atol=1e-5, rtol=0)
+
+
+def test_fused_decode_step_only_takes_models_it_computes_exactly():
+    """Anything FusedStep does not compute (hooks, training mode, unprepared linears, MoE) decodes
+    through the module forward, with the same tokens."""
+    from choicelm.config import MoEConfig
+    from choicelm.generation.fused_step import FusedStep, ModuleStep, decode_step
+    from choicelm.generation.layout import prepare_for_decoding
+
+    _, model = hf_gpt2()
+    assert not FusedStep.supports(model)  # plain nn.Linear: not prepared
+    prepare_for_decoding(model)
+    assert isinstance(decode_step(model), FusedStep)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0)
+    fused = generate_ids(model, [prompt_ids(5, 23)], cfg)[0].ids
+    calls = []
+    handle = model.transformer.h[1].register_forward_hook(lambda *a: calls.append(1))
+    assert isinstance(decode_step(model), ModuleStep)
+    assert generate_ids(model, [prompt_ids(5, 23)], cfg)[0].ids == fused
+    assert len(calls) == 8  # the prefill and 7 decode steps all ran the hooked block
+    handle.remove()
+    assert not FusedStep.supports(model.train())
+    moe = prepare_for_decoding(GPT(ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=64),
+                                   MoEConfig(experts=4, every=1)).eval())
+    assert not FusedStep.supports(moe)

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .fused_step import decode_step
 from .processors import apply_processors
 
 NEG = -1.0e9  # "impossible" score, as in Hugging Face (not -inf: it must survive sums and topk)
@@ -124,6 +125,7 @@ def decoder_only_step(model, prompt_ids: list[int], num_beams: int, max_new_toke
     to every beam, then decode one token per beam per step, reordering the cache rows by parent."""
     P = len(prompt_ids)
     cache = model.new_kv_cache(1, P + max_new_tokens, device=device)
+    decode = decode_step(model)
     pos = P
 
     def step(tokens_N, parent_N):
@@ -134,7 +136,7 @@ def decoder_only_step(model, prompt_ids: list[int], num_beams: int, max_new_toke
             reorder_cache(cache, torch.zeros(num_beams, dtype=torch.long, device=device))  # one copy per beam
             return logits_1V.expand(num_beams, -1)
         reorder_cache(cache, parent_N)
-        logits_NV = model(tokens_N[:, None], kv_cache=cache, start_pos=pos).logits[:, -1]
+        logits_NV = decode(tokens_N, cache, pos)
         pos += 1
         return logits_NV
 

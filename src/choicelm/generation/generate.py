@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ChoicelmError
 from .beam import beam_search, decoder_only_step
+from .fused_step import decode_step
 from .options import GenerationConfig
 from .processors import apply_processors
 from .stopping import StopStrings
@@ -73,6 +74,7 @@ def decode_steps(model, prompts: list[list[int]], cfg: GenerationConfig, done: l
     for b, p in enumerate(prompts):
         ids_BS[b, L - len(p):L] = torch.tensor(p, dtype=torch.long)
     cache = model.new_kv_cache(B, total, device=device)
+    step = decode_step(model)
     if padded:
         mask_BS = torch.arange(total, device=device)[None, :] >= n_pad_B[:, None]
         pos_BL = (torch.arange(L, device=device)[None, :] - n_pad_B[:, None]).clamp(min=0)
@@ -95,10 +97,9 @@ def decode_steps(model, prompts: list[list[int]], cfg: GenerationConfig, done: l
         if all(done) or t == cfg.max_new_tokens - 1:
             return
         if padded:
-            logits_BV = model(tok_B[:, None], kv_cache=cache, start_pos=cur, attention_mask_BS=mask_BS[:, :cur + 1],
-                              position_ids_BT=(cur - n_pad_B)[:, None]).logits[:, -1]
+            logits_BV = step(tok_B, cache, cur, mask_BS[:, :cur + 1], cur - n_pad_B)
         else:
-            logits_BV = model(tok_B[:, None], kv_cache=cache, start_pos=cur).logits[:, -1]
+            logits_BV = step(tok_B, cache, cur)
 
 
 def _expand(prompts: list[list[int]], cfg: GenerationConfig) -> tuple[list[list[int]], list[int]]:

@@ -31,11 +31,17 @@ class PackedLinear(nn.Linear):
         w = self.weight
         if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu":
             return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), w.dtype, w._version)  # repack after an in-place change or a .to() / load
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), self.bias, "none", [], "")
+
+    def packed_weight(self) -> torch.Tensor:
+        """The oneDNN-prepacked copy of the weight as it is now (repacked after an in-place change, a .to()
+        or a load), for torch.ops.mkldnn._linear_pointwise."""
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, w._version)
         if getattr(self, "_packed_key", None) != key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             self._packed_key = key
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return self._packed
 
 
 def _can_pack(w: torch.Tensor) -> bool:

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from ..errors import ChoicelmError
+from ..generation.fused_step import decode_step
 from ..generation.options import GenerationConfig
 from ..generation.processors import apply_processors
 from ..generation.stopping import StopStrings
@@ -116,6 +117,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(self.model.parameters()).device
         self.cache = self.model.new_kv_cache(max_batch, self.block_size)
+        self.decode = decode_step(self.model)  # the weights do not change while serving
         self.rows: list[Sequence] = []  # row i of the cache
         self.cur = 0  # the column every row writes next
         self.waiting: collections.deque[Request] = collections.deque()
@@ -228,12 +230,11 @@ class Scheduler:
         if self.cur == self.block_size:
             self._shift(-min(s.start for s in self.rows))
         B, cur = len(self.rows), self.cur
-        tok_B1 = torch.tensor([[s.pending] for s in self.rows], dtype=torch.long, device=self.device)
+        tok_B = torch.tensor([s.pending for s in self.rows], dtype=torch.long, device=self.device)
         start_B = torch.tensor([s.start for s in self.rows], device=self.device)
         mask_BS = torch.arange(cur + 1, device=self.device)[None, :] >= start_B[:, None]
         view = _CacheRows(self.cache, B)
-        logits_BV = self.model(tok_B1, kv_cache=view, start_pos=cur, attention_mask_BS=mask_BS,
-                               position_ids_BT=(cur - start_B)[:, None]).logits[:, -1]
+        logits_BV = self.decode(tok_B, view, cur, mask_BS, cur - start_B)
         self.cur += 1
         plain = [b for b, s in enumerate(self.rows) if s.greedy and not s.procs and not s.penalized]
         tokens = [0] * B
