@@ -240,7 +240,29 @@ def test_token_choice_equals_hugging_face_mixtral():
     (out.y_BTD * torch.arange(D)).sum().backward()
     torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m.router.weight.grad, hf.gate.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.experts.w_in.grad, hf.experts.gate_up_proj.grad.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.experts.w_out.grad, hf.experts.down_proj.grad.transpose(1, 2), atol=1e-5, rtol=1e-5)
     assert float(out.stats["dropped"]) == 0.0 and out.stats["tokens_per_expert"].sum() == 60
+
+
+def test_unevenly_filled_experts_run_ragged_with_the_batched_results():
+    """Routing that fills experts unevenly runs each expert on its own tokens only (no padded slots, an idle
+    expert reads no weights): outputs and gradients equal the padded batched path's."""
+    m = layer(router="token_choice", top_k=2, dropless=True)
+    x_ND = torch.randn(12, D)
+    idx_EC = torch.tensor([[0, 3, 5, 7], [1, 2, 0, 0], [4, 0, 0, 0], [0, 0, 0, 0]])  # expert 3 is idle
+    counts_E = torch.tensor([4, 2, 1, 0])
+    gate_EC = torch.rand(E, 4) * (torch.arange(4) < counts_E[:, None])  # padded slots have gate 0
+    grads = []
+    for counts in (counts_E, None):
+        x = x_ND.clone().requires_grad_(True)
+        y = m._run_experts(x, idx_EC, gate_EC, counts)
+        (y * torch.arange(D)).sum().backward()
+        grads.append((y.detach(), x.grad, m.experts.w_in.grad, m.experts.w_out.grad))
+        m.zero_grad(set_to_none=True)
+    for ragged, batched in zip(*grads):
+        torch.testing.assert_close(ragged, batched, atol=1e-6, rtol=1e-6)
+    assert grads[0][2][3].abs().sum() == 0
 
 
 def test_token_choice_capacity_drops_in_priority_order_and_losses_by_hand():
