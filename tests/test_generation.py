@@ -603,6 +603,7 @@ def test_fused_decode_step_only_takes_models_it_computes_exactly():
     assert len(calls) == 8  # the prefill and 7 decode steps all ran the hooked block
     handle.remove()
     assert not FusedStep.supports(model.train())
+    assert not FusedStep.supports(model.eval().to(torch.float16))  # oneDNN post-ops here take fp32 / bf16
     moe = prepare_for_decoding(GPT(ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=64),
                                    MoEConfig(experts=4, every=1)).eval())
     assert not FusedStep.supports(moe)

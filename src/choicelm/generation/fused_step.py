@@ -62,8 +62,10 @@ class FusedStep:
         if not all(type(b) is Block and type(b.attn) is SelfAttention and type(b.mlp) in (MLP, SwiGLU)
                    for b in model.transformer.h):
             return False
+        dtype = model.transformer.wte.weight.dtype  # the fused kernels take one dtype throughout
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        return all(type(m) is PackedLinear and m.weight.device.type == "cpu" for m in linears)
+        return dtype in (torch.float32, torch.bfloat16) and all(
+            type(m) is PackedLinear and m.weight.device.type == "cpu" and m.weight.dtype == dtype for m in linears)
 
     def __init__(self, model: GPT):
         config = model.config
