@@ -28,8 +28,10 @@ renormalise it, token choice does when moe.renormalize (Mixtral).
 
 Dispatch: every rule ends as (idx_EC, gate_EC): for each expert, C token slots holding a token
 index and its gate (0 for an empty slot). Top-k expert choice has exactly C = k slots per group,
-so it needs no host sync; the token-local rules pad to the busiest expert (one sync). The experts
-then run as one gather into [E, C, D], two batched matmuls and one index_add back to [N, D].
+so it needs no host sync, and its experts run as one gather into [E, C, D], two batched matmuls and
+one index_add back to [N, D]. The token-local rules fill experts unevenly (counts_E, one sync): their
+slots are padded to the busiest expert, and each expert runs on its filled slots only (one matmul
+pair per busy expert), so no padding is computed.
 
 Shape suffixes: B batch, T positions, N = B*T tokens, D model width, E experts, F expert width,
 C slots per expert, G routing groups, n tokens per group, k tokens an expert takes per group.
@@ -90,7 +92,7 @@ class Experts(nn.Module):
         w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)  # unbind: one backward (a stack) for all
         return torch.cat([self._ffn(x_cD, w_in[e], w_out[e]) for e, x_cD in enumerate(x_AD.split(counts)) if len(x_cD)])
 
-    def _ffn(self, x, w_in, w_out):
+    def _ffn(self, x, w_in, w_out):  # batched ([E, C, D] @ [E, D, *]) or one expert ([c, D] @ [D, *])
         h = x @ w_in
         if self.act == "swiglu":
             gate, up = h.chunk(2, dim=-1)
@@ -222,12 +224,12 @@ class MoE(nn.Module):
         E, C = idx_EC.shape
         # Routing that fills experts unevenly (token choice, causal expert choice) runs each expert on its own
         # tokens: dropless top-2 pads ~10% of the slots at 8 experts x 512, capacity 1.25 ~25%, a decode step most.
+        # Gathers use index_select, not x_ND[idx]: its backward is an index_add, not a slower accumulating index_put.
         if counts_E is not None and E * C > counts_E.sum():
             filled_EC = torch.arange(C, device=idx_EC.device) < counts_E[:, None]
             idx_A, gate_A = idx_EC[filled_EC], gate_EC[filled_EC]
             y_AD = self.experts.forward_ragged(x_ND.index_select(0, idx_A), counts_E.tolist())
         else:
-            # index_select, not x_ND[idx_EC]: its backward is an index_add rather than a slower accumulating index_put
             idx_A, gate_A = idx_EC.reshape(-1), gate_EC.reshape(-1)
             y_AD = self.experts(x_ND.index_select(0, idx_A).view(E, C, D)).view(E * C, D)
         y_AD = y_AD * gate_A[:, None]  # the gate is applied after the expert
