@@ -34,7 +34,7 @@ from choicelm.train.runtime import keep_freed_memory
 
 def build_layers(args) -> dict[str, tuple[torch.nn.Module, str | None]]:
     """name -> (module, rule for choicelm MoE layers)."""
-    mc = ModelConfig(n_embd=args.width, n_head=6, n_layer=6, mlp="swiglu", bias=False,
+    mc = ModelConfig(n_embd=args.width, n_head=1, n_layer=6, mlp="swiglu", bias=False,  # (no attention here)
                      mlp_hidden=2 * args.expert_width, vocab_size=64, block_size=args.seq)
     torch.manual_seed(0)
     layers: dict = {"dense": (SwiGLU(mc), None)}
