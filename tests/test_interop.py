@@ -52,7 +52,11 @@ def small_tokenizer(tmp_path_factory) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def llama_tokenizer_dir(tmp_path_factory) -> Path:
-    """A Llama-style tokenizer saved by transformers: <unk> 0, <s> 1, </s> 2, no pad token."""
+    return save_llama_tokenizer(tmp_path_factory.mktemp("llama_tok"))
+
+
+def save_llama_tokenizer(folder: Path) -> Path:
+    """A Llama-style tokenizer saved by transformers into folder: <unk> 0, <s> 1, </s> 2, no pad token."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
@@ -61,7 +65,6 @@ def llama_tokenizer_dir(tmp_path_factory) -> Path:
     hf.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    folder = tmp_path_factory.mktemp("llama_tok")
     transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>",
                                          unk_token="<unk>").save_pretrained(folder)
     return folder

@@ -20,7 +20,7 @@ from choicelm.models import build_model
 from choicelm.models.gpt import MoEBlock
 from choicelm.train import checkpoint as ckpt
 
-from test_interop import llama_tokenizer_dir  # noqa: F401  (a fixture: the Llama-layout tokenizer)
+from test_interop import save_llama_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,9 +28,9 @@ V, D, FW, E = 320, 64, 96, 4
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(llama_tokenizer_dir) -> Path:
+def tokenizer_dir(tmp_path_factory) -> Path:
     """Mistral's tokenizer layout is Llama's: <unk> 0, <s> 1, </s> 2, no pad token."""
-    return llama_tokenizer_dir
+    return save_llama_tokenizer(tmp_path_factory.mktemp("mistral_tok"))
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.1) -> None:
