@@ -2,6 +2,7 @@
 Hugging Face's MixtralSparseMoeBlock, hand-computed losses), causality of every causal rule in a tiny GPT,
 proof that plain expert choice leaks, and MoE training through the real loop."""
 
+import copy
 import csv
 import math
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from choicelm.config import ConfigError, ModelConfig, MoEConfig, load_config
 from choicelm.errors import ChoicelmError
 from choicelm.models import build_model
+from choicelm.models.causality import measure_leak
 from choicelm.models.moe import MoE, summarize_stats
 
 from conftest import ROOT, TINY
@@ -312,7 +314,8 @@ def test_summarize_stats():
 # ----------------------------------------------------------------------------- in a GPT: causality
 
 
-def tiny_gpt(router, **moe):
+def tiny_gpt(router, calibrate=3, **moe):
+    """A 2-layer MoE GPT with experts that matter; `calibrate` training forwards set the running thresholds."""
     torch.manual_seed(0)
     mc = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, mlp="swiglu", pos="rope",
                      bias=False, norm="rmsnorm")
@@ -326,7 +329,7 @@ def tiny_gpt(router, **moe):
             if m.predictor is not None:
                 m.predictor.weight.normal_(std=0.5)
         model.train()
-        for _ in range(3):  # calibrate the thresholds on a few batches, as training would
+        for _ in range(calibrate):  # calibrate the thresholds on a few batches, as training would
             model(torch.randint(0, 64, (4, 32)))
     return model.eval()
 
@@ -413,6 +416,94 @@ def test_plain_expert_choice_top_k_leaks(group):
     flipped = (routing(out_a)[:, rows, past] != routing(out_b)[:, rows, past]).sum()
     moved = (out_a.logits[rows, past] - out_b.logits[rows, past]).abs().max()
     assert flipped > 0 and moved > 1e-3
+
+
+# Rules that claim causality in training as well: the causal rule itself with train_causal, and dropless token
+# choice. Each pair of forwards starts from the same module state, as two alternative next batches would.
+TRAIN_CAUSAL = [("expert_choice_causal", {"train_causal": True}, "threshold"),
+                ("expert_choice_causal", {"train_causal": True, "causal_mode": "predictor"}, "predictor"),
+                ("token_choice", {"dropless": True}, "dropless")]
+
+
+def forward_from(model, state, ids):
+    model.load_state_dict(state)  # a training forward updates the thresholds: start both from the same state
+    return model(ids)
+
+
+@pytest.mark.parametrize("updates", [0, 40], ids=["first-step", "after-40-updates"])
+@pytest.mark.parametrize("router,moe,rule", TRAIN_CAUSAL)
+def test_causal_in_training_rules_do_not_read_the_future_in_train_mode(router, moe, rule, updates):
+    model = tiny_gpt(router, calibrate=updates, **moe).train()  # dropout is 0
+    model.record_routing = True
+    state = copy.deepcopy(model.state_dict())
+    torch.manual_seed(1)
+    a = torch.randint(0, 64, (2, 32))
+    b = a.clone()
+    t = 15
+    b[:, t + 1:] = torch.randint(0, 64, (2, 32 - t - 1))
+    out_a, out_b = forward_from(model, state, a), forward_from(model, state, b)
+    assert out_a.stats["routing"] == rule and out_a.stats["causal"]
+    ra, rb = routing(out_a), routing(out_b)
+    assert torch.equal(ra[:, :, :t + 1], rb[:, :, :t + 1]) and not torch.equal(ra, rb)
+    torch.testing.assert_close(out_a.logits[:, :t + 1], out_b.logits[:, :t + 1], atol=1e-5, rtol=0)
+    assert 0 < float(out_a.stats["moe"][0]["experts_per_token"]) < E
+
+
+@pytest.mark.parametrize("router,moe,rule", TRAIN_CAUSAL)
+def test_causal_in_training_rules_do_not_depend_on_the_rest_of_the_batch_in_train_mode(router, moe, rule):
+    model = tiny_gpt(router, calibrate=5, **moe).train()
+    model.record_routing = True
+    state = copy.deepcopy(model.state_dict())
+    torch.manual_seed(3)
+    batch = torch.randint(0, 64, (3, 32))
+    together, alone = forward_from(model, state, batch), forward_from(model, state, batch[1:2])
+    assert together.stats["routing"] == rule
+    torch.testing.assert_close(together.logits[1:2], alone.logits, atol=1e-5, rtol=0)
+    assert torch.equal(routing(together)[:, 1:2], routing(alone))
+
+
+def test_threshold_training_routes_with_the_threshold_from_before_the_batch():
+    """The first training batch routes with the data-free start (1/E), then the cut-off is taken in; each later
+    batch routes with the thresholds as they stood before it."""
+    model = tiny_gpt("expert_choice_causal", calibrate=0, train_causal=True).train()
+    model.record_routing = True
+    m = model.moe_layers()[0]
+    assert torch.equal(m.threshold, torch.full((E,), 1 / E)) and int(m.threshold_updates) == 0
+    for _ in range(3):
+        before = m.threshold.clone()
+        x_seen = {}
+        hook = m.register_forward_pre_hook(lambda mod, args, kw: x_seen.update(x=args[0]), with_kwargs=True)
+        out = model(torch.randint(0, 64, (2, 32)))
+        hook.remove()
+        scores = torch.softmax(x_seen["x"].float() @ m.router.weight.T, dim=-1)
+        assert torch.equal(out.stats["moe"][0]["assignment"], scores >= before)
+        assert not torch.equal(m.threshold, before)  # and updated afterwards, for the next batch
+
+
+def test_measure_leak_in_nats_plain_top_k_leaks_causal_rules_do_not():
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(4))
+    ec = tiny_gpt("expert_choice")
+    ec.set_routing("topk")
+    leak = measure_leak(ec, ids, split=16, train_mode=False, trials=1, seed=7)
+    # by hand: the same random future (the function draws it from a generator seeded with `seed`)
+    b = ids.clone()
+    b[:, 16:] = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = (ec(b).logits[:, :16].log_softmax(-1) - ec(ids).logits[:, :16].log_softmax(-1)).abs().max()
+    assert leak["max_logprob_diff"] == pytest.approx(float(ref), abs=1e-6) and leak["max_logprob_diff"] > 1e-2
+    assert leak["flipped_routes"] > 0 and leak["routing"] == "topk" and leak["mode"] == "eval"
+
+    taught = tiny_gpt("expert_choice_causal")  # top-k teaches in training: leaks there, causal in evaluation
+    train_leak = measure_leak(taught, ids, split=16, train_mode=True, trials=3)
+    eval_leak = measure_leak(taught, ids, split=16, train_mode=False, trials=3)
+    assert train_leak["routing"] == "topk" and train_leak["max_logprob_diff"] > 1e-2
+    assert eval_leak["routing"] == "threshold" and eval_leak["max_logprob_diff"] < 1e-5
+    assert eval_leak["flipped_routes"] == 0 and eval_leak["past_decisions"] == 3 * 2 * 2 * 16 * E
+    et = tiny_gpt("expert_choice_causal", train_causal=True)
+    state = copy.deepcopy(et.state_dict())
+    et_leak = measure_leak(et, ids, split=16, train_mode=True, trials=3)
+    assert et_leak["max_logprob_diff"] < 1e-5 and et_leak["flipped_routes"] == 0
+    assert not et.training and all(torch.equal(v, state[k]) for k, v in et.state_dict().items())  # left as it was
 
 
 def test_default_routing_per_mode():

@@ -10,7 +10,8 @@ and generation (GPT.routing, default: the router's causal rule):
     topk        expert choice (Zhou et al. 2022): every expert takes the top           no
                 k = ceil(c*n/E) tokens of its group (a sequence, or the whole batch)
     threshold   token t goes to expert e iff score[t, e] >= threshold[e], a running    yes
-                (EMA) estimate of e's top-k cut-off, learned while training with topk
+                (EMA) estimate of e's top-k cut-off, updated after each training
+                batch has been routed (so a batch never routes with its own cut-off)
     predictor   token t goes to e iff a small classifier on t's own (detached) hidden    yes
                 state says t would be in e's top-k (trained with BCE on topk's choice)
     capacity    token choice: softmax, top-k experts per token, at most                  no (drops depend
@@ -21,7 +22,9 @@ and generation (GPT.routing, default: the router's causal rule):
     expert_choice          topk (needs allow_noncausal)   threshold  (its thresholds are tracked too)
     expert_choice_causal   topk as the teacher*           causal_mode: threshold | predictor
     token_choice           capacity (dropless if set)     dropless
-    * or the causal rule itself with moe.train_causal=true.
+    * or the causal rule itself with moe.train_causal=true. Taught by top-k, a model is causal at evaluation
+      and generation only: in training, later tokens decide earlier tokens' routing (models/causality.py
+      measures how much). With train_causal=true it is causal in training too.
 
 The gate is the router's softmax score (fp32), applied after the expert; expert choice does not
 renormalise it, token choice does when moe.renormalize (Mixtral).
@@ -120,7 +123,9 @@ class MoE(nn.Module):
         self.shared = Experts(1, D, F_, model_cfg.mlp) if cfg.shared_expert else None
         self.expert_choice = cfg.router in ("expert_choice", "expert_choice_causal")
         if self.expert_choice:  # every expert-choice layer tracks its top-k cut-offs, so it can route causally
-            self.register_buffer("threshold", torch.zeros(E))
+            # A defined, data-free start: before any update a token goes to every expert scoring above uniform
+            # (1/E), about half of them; the first training batch routes with it, never with its own cut-off.
+            self.register_buffer("threshold", torch.full((E,), 1.0 / E))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         self.predictor = nn.Linear(D, E) if cfg.router == "expert_choice_causal" else None
         self.track_thresholds = True  # off inside thresholds_frozen()
@@ -278,14 +283,6 @@ class MoE(nn.Module):
         topk_NE = torch.zeros(N, E, dtype=torch.bool, device=probs_NE.device).index_put((tok_EM, e_EM), keep_EM)
         topk_NE = self._cap(topk_NE, probs_NE)  # the teacher: what top-k routing picks
 
-        if self.training and self.track_thresholds:
-            with torch.no_grad():  # running estimate of each expert's top-k cut-off
-                if int(self.threshold_updates) == 0:
-                    self.threshold.copy_(cutoff_E)
-                else:
-                    self.threshold.lerp_(cutoff_E, 1.0 - self.cfg.threshold_momentum)
-                self.threshold_updates += 1
-
         valid_NE = valid_N[:, None].expand(N, E) if valid_N is not None else torch.ones_like(topk_NE)
         causal = {"threshold": self._cap((probs_NE.detach() >= self.threshold) & valid_NE, probs_NE)}
         if self.predictor is not None:
@@ -304,11 +301,25 @@ class MoE(nn.Module):
                     stats[f"agree_{name}"] = ((mask_NE == topk_NE) & valid_NE).sum() / n_valid
                     stats[f"recall_{name}"] = (mask_NE & topk_NE).sum() / n_top
 
+        if self.training and self.track_thresholds:
+            # Only after routing: this batch's cut-off comes from its whole sequence (future tokens included), so it
+            # may only route the next batch. Routing with it first let future tokens move past outputs in training.
+            self._update_thresholds(cutoff_E)
+
         if rule == "topk":
             keep_EM = keep_EM & topk_NE[tok_EM, e_EM]  # the per-token cap
             return tok_EM, gate_EM * keep_EM, None, topk_NE  # every expert fills its G*k slots
         mask_NE = causal[rule]
         return *_dispatch_mask(mask_NE, probs_NE), mask_NE
+
+    @torch.no_grad()
+    def _update_thresholds(self, cutoff_E: torch.Tensor) -> None:
+        """Running (EMA) estimate of each expert's top-k cut-off; the first update replaces the data-free start."""
+        if int(self.threshold_updates) == 0:
+            self.threshold.copy_(cutoff_E)
+        else:
+            self.threshold.lerp_(cutoff_E, 1.0 - self.cfg.threshold_momentum)
+        self.threshold_updates += 1
 
     # ------------------------------------------------------------------------- token choice
 
