@@ -12,6 +12,8 @@
     choicelm chat     --checkpoint RUN [same options]       # terminal chat; /reset, /quit
     choicelm serve    --checkpoint RUN [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 16 --max-queue 64]
     choicelm plot     RUN
+    choicelm study    routing --data DIR --config YAML --arms dense,tc2,ec_threshold,... --seeds N
+                      (--max-time S | --max-tokens N) --out DIR [--section.key=value ...] [--overwrite]
     choicelm convert  from-hf HF_DIR OUT [--tokenizer DIR] | to-hf CHECKPOINT OUT   [--overwrite]
 
 Bad input ends with one line `choicelm: error: ...` on stderr and exit status 2.
@@ -182,6 +184,18 @@ def cmd_plot(args) -> None:
         print(f"wrote {path}")
 
 
+def cmd_study_routing(args, overrides: list[str]) -> None:
+    import shlex
+
+    from .study import run_routing_study
+
+    command = " ".join(shlex.quote(a) for a in ["choicelm", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None
+    report = run_routing_study(args.config, args.data, args.out, args.arms, args.seeds, max_time=args.max_time,
+                               max_tokens=args.max_tokens, overrides=overrides, overwrite=args.overwrite,
+                               command=command)
+    print(f"done: {report}")
+
+
 def cmd_convert_from_hf(args) -> None:
     from .interop import from_hf
 
@@ -200,6 +214,12 @@ def cmd_convert_to_arpa(args) -> None:
     from .interop.arpa import to_arpa
 
     print(f"wrote {to_arpa(args.src, args.out, overwrite=args.overwrite)}")
+
+
+def _study_arms() -> dict:
+    from .study.arms import ARMS
+
+    return ARMS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
     p.set_defaults(func=cmd_plot)
+
+    study = verbs.add_parser("study", help="compare training recipes over seeds (MoE routing rules)")
+    study = study.add_subparsers(dest="action", required=True, metavar="{routing}")
+    p = study.add_parser("routing", help="dense vs token choice vs expert choice at equal active FLOPs, equal tokens "
+                                         "and equal wall-clock; report.md, runs.csv, curves", epilog="arms: " +
+                         "; ".join(f"{name}: {arm.what}" for name, arm in _study_arms().items()))
+    p.add_argument("--data", required=True, help="directory written by `choicelm prepare` (with a val split)")
+    p.add_argument("--config", required=True, help="the dense recipe, e.g. configs/shakespeare.yaml")
+    p.add_argument("--arms", required=True, help="comma-separated: " + ",".join(_study_arms()))
+    p.add_argument("--seeds", type=int, default=3, help="runs per training recipe (train.seed = 1..N)")
+    p.add_argument("--max-time", type=float, default=None, help="about S seconds of dense training per run "
+                                                                "(measured by a short probe, turned into steps)")
+    p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run (sets max_steps)")
+    p.add_argument("--out", required=True, help="study directory (rerun the same command to resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace a study made by another command in --out")
+    p.set_defaults(func=cmd_study_routing, takes_overrides=True)
 
     conv = verbs.add_parser("convert", help="convert checkpoints to and from Hugging Face (and ARPA)")
     conv = conv.add_subparsers(dest="action", required=True, metavar="{from-hf,to-hf,to-arpa}")
