@@ -27,7 +27,9 @@ def test_verb_map_is_frozen():
     parser = build_parser()
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
     assert sorted(verbs) == ["chat", "convert", "evaluate", "finetune", "generate", "plot", "prepare", "pretrain", "serve",
-                            "tokenizer"]
+                            "study", "tokenizer"]
+    study = next(a for a in verbs["study"]._actions if a.dest == "action").choices
+    assert sorted(study) == ["routing"]
     convert = next(a for a in verbs["convert"]._actions if a.dest == "action").choices
     assert sorted(convert) == ["from-hf", "to-arpa", "to-hf"]
 
