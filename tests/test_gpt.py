@@ -113,10 +113,15 @@ def test_llama_logits_match_hugging_face(tied):
 # ----------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("layout", ["gpt2", "llama"])
+@pytest.mark.parametrize("layout", ["gpt2", "llama", "llama_qk_norm"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(layout):
     torch.manual_seed(1)
-    model = GPT(tiny(**(GPT2_LAYOUT if layout == "gpt2" else LLAMA_LAYOUT))).eval()
+    kw = {"gpt2": GPT2_LAYOUT, "llama": LLAMA_LAYOUT, "llama_qk_norm": {**LLAMA_LAYOUT, "qk_norm": True}}[layout]
+    model = GPT(tiny(**kw)).eval()
+    with torch.no_grad():  # non-trivial query/key norm gains
+        for name, p in model.named_parameters():
+            if "_norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
     idx = torch.randint(0, 100, (3, 20))
     with torch.no_grad():
         full = model(idx).logits
@@ -363,3 +368,141 @@ def test_plain_attention_equals_sdpa(case):
     torch.testing.assert_close(plain_attention(q, k, v, mask, is_causal, 0.0), ref, atol=1e-6, rtol=1e-5)
     low = plain_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, is_causal, 0.0)
     torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------- query/key norm (model.qk_norm)
+
+
+def randomize_qk_norms(model: torch.nn.Module, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.add_(torch.randn_like(p) * scale)
+
+
+def test_qk_norm_logits_match_qwen3():
+    """Qwen3 is the Llama layout plus q_norm/k_norm (RMSNorm over the head size, before rotary positions): the
+    same weights must give the same logits."""
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=100, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model = GPT(tiny(block_size=64, qk_norm=True, **LLAMA_LAYOUT)).eval()
+    state = llama_to_choicelm(hf.state_dict(), 2)
+    for i in range(2):
+        for n in ("q_norm", "k_norm"):
+            state[f"transformer.h.{i}.attn.{n}.weight"] = hf.state_dict()[f"model.layers.{i}.self_attn.{n}.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    idx = torch.randint(0, 100, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, hf(idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_qk_norm_attention_equals_hand_computation(pos):
+    """q_h <- g_q * q_h / sqrt(mean(q_h^2) + eps) per head (k likewise with g_k), then rotary positions, then
+    causal softmax attention; grouped-query heads (2 key/value heads for 4 query heads)."""
+    from choicelm.models.layers import SelfAttention
+
+    torch.manual_seed(3)
+    config = tiny(qk_norm=True, pos=pos, n_kv_head=2, norm_eps=1e-5, bias=True)
+    attn = SelfAttention(config).eval()
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(1 + 0.5 * torch.randn(16))
+        attn.k_norm.weight.copy_(1 + 0.5 * torch.randn(16))
+    B, T, H, K, Q = 2, 7, 4, 2, 16
+    x = torch.randn(B, T, 64)
+    rope = None
+    if pos == "rope":  # the tables by hand: angle[t, i] = t / 10000^(2i/Q), the Q/2 angles repeated twice
+        angle = torch.arange(T)[:, None].double() / 10000.0 ** (torch.arange(0, Q, 2).double() / Q)
+        angle = torch.cat([angle, angle], dim=1)
+        rope = (angle.cos().float(), angle.sin().float())
+    with torch.no_grad():
+        got = attn(x, rope=rope)
+        W, b = attn.c_attn.weight.double(), attn.c_attn.bias.double()
+        qkv = x.double() @ W.T + b
+        q = qkv[..., :H * Q].reshape(B, T, H, Q)
+        k = qkv[..., H * Q:(H + K) * Q].reshape(B, T, K, Q)
+        v = qkv[..., (H + K) * Q:].reshape(B, T, K, Q)
+        q = q / (q.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * attn.q_norm.weight.double()
+        k = k / (k.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * attn.k_norm.weight.double()
+        if pos == "rope":
+            cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+            half = Q // 2
+
+            def rotate(t):
+                return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+            q, k = rotate(q), rotate(k)
+        out = torch.empty(B, T, H, Q, dtype=torch.float64)
+        for h in range(H):
+            kh, vh = k[:, :, h // (H // K)], v[:, :, h // (H // K)]
+            scores = q[:, :, h] @ kh.transpose(1, 2) / Q ** 0.5
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            out[:, :, h] = scores.softmax(-1) @ vh
+        ref = out.reshape(B, T, H * Q) @ attn.c_proj.weight.double().T + attn.c_proj.bias.double()
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_qk_norm_model_is_causal(mode):
+    """Editing the second half of a window leaves the first half's logits unchanged, in training and eval mode."""
+    torch.manual_seed(4)
+    model = GPT(tiny(qk_norm=True, **LLAMA_LAYOUT))
+    randomize_qk_norms(model)
+    model.train(mode == "train")
+    idx = torch.randint(0, 100, (2, 24))
+    edited = idx.clone()
+    edited[:, 12:] = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        a, b = model(idx).logits, model(edited).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-6, rtol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-2  # the edit does reach the later positions
+
+
+@pytest.mark.parametrize("layout", ["gpt2", "llama"])
+def test_qk_norm_fused_decode_step_and_greedy_tokens(layout):
+    """A prepared qk_norm GPT decodes through FusedStep: its logits equal the module forward's at every step, and
+    greedy generate gives the module forward's argmax tokens."""
+    from choicelm.generation import GenerationConfig, generate_ids
+    from choicelm.generation.fused_step import FusedStep, decode_step
+    from choicelm.generation.layout import prepare_for_decoding
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not available in this torch build")
+    torch.manual_seed(5)
+    model = GPT(tiny(block_size=64, qk_norm=True, **(GPT2_LAYOUT if layout == "gpt2" else LLAMA_LAYOUT))).eval()
+    randomize_qk_norms(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # a peaked next-token distribution: argmax never hinges on rounding
+    prepare_for_decoding(model)
+    assert FusedStep.supports(model) and isinstance(decode_step(model), FusedStep)
+    prompt = torch.randint(1, 100, (9,)).tolist()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        cache = model.new_kv_cache(1, 24)
+        model(ids[:, :-1], kv_cache=cache)
+        step = FusedStep(model)
+        for t in range(len(prompt) - 1, 20):
+            got = step(ids[:, -1], cache, t)
+            ref = model(ids).logits[:, -1]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+            ids = torch.cat([ids, ref.argmax(-1, keepdim=True)], dim=1)
+    tokens = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=12, temperature=0))[0].ids
+    assert tokens == ids[0, len(prompt):len(prompt) + 12].tolist()
+
+
+def test_qk_norm_is_refused_by_hugging_face_export_and_other_kinds():
+    from choicelm.config import ConfigError
+    from choicelm.interop.hf import ConversionError, hf_architecture_for
+
+    with pytest.raises(ConversionError, match="model.qk_norm=true has no Hugging Face export") as e:
+        hf_architecture_for(tiny(qk_norm=True, **LLAMA_LAYOUT))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="only implemented for model.kind=gpt"):
+        ModelConfig(kind="seq2seq", qk_norm=True)

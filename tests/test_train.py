@@ -116,6 +116,35 @@ def test_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_muon_resume_after_a_real_kill_is_bit_identical(prepared, tmp_path):
+    """optim.name=muon (Muon momentum buffers + AdamW moments in the checkpoint) on a qk_norm model: 8 steps
+    straight == 5 steps, checkpoint at 4, SIGKILL after 5, then --resume auto to 8."""
+    _, data = prepared
+    common = ["--config", TINY, "--data", data, "--train.max_steps=8", "--train.save_every=4",
+              "--train.eval_every=0", "--optim.name=muon", "--optim.muon_lr=0.02", "--model.qk_norm=true"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cli_subprocess("pretrain", *common, "--out", straight)
+    proc = cli_subprocess("pretrain", *common, "--out", killed, env_extra={KILL_AFTER_STEP_ENV: "5"}, check=False)
+    assert proc.returncode == -9
+    assert max(losses(killed)) == 5 and [c.step for c in ckpt.list_checkpoints(killed)] == [4]
+    cli_subprocess("pretrain", *common, "--out", killed, "--resume", "auto")
+    assert losses(killed) == losses(straight)
+    wa, wb = weights(straight / "step-00000008"), weights(killed / "step-00000008")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "transformer.h.0.attn.q_norm.weight" in wa
+    assert set(torch.load(straight / "step-00000008" / "optimizer.pt", weights_only=False)) == {"muon", "adamw"}
+
+
+def test_resume_refuses_a_different_optimizer(prepared, tmp_path, capsys):
+    _, data = prepared
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", TINY, "--data", data, "--out", run, "--train.eval_every=0"]
+    assert run_cli(*args, "--train.max_steps=2") == 0
+    assert run_cli(*args, "--resume", "auto", "--train.max_steps=4", "--optim.name=muon") == 2
+    err = capsys.readouterr().err
+    assert "trained with optim.name=adamw" in err and "--optim.name=adamw" in err and len(err.strip().splitlines()) == 1
+
+
 def test_ddp_two_processes_match_one(prepared, tmp_path):
     """torchrun with 2 ranks x micro 2 == one process with micro 2 x accumulation 2 (global batch 4)."""
     _, data = prepared

@@ -66,6 +66,8 @@ class ModelConfig:
     pos: str = _f("learned", "positions: learned (GPT-2 table) | rope (rotary, Llama) | "
                            "sinusoidal (fixed sin/cos table, Marian layout; seq2seq only)")
     rope_theta: float = _f(10000.0, "rotary base frequency (pos=rope only)")
+    qk_norm: bool = _f(False, "gpt: normalise each head's queries and keys (RMSNorm over the head size, with a learned "
+                              "gain, before rotary positions; OLMo2/Qwen3/Gemma), for training stability")
     bias: bool = _f(True, "biases in linear layers and layernorms (GPT-2: true, Llama: false)")
     tie_embeddings: bool = _f(True, "share the token embedding and output projection weights")
     dropout: float = _f(0.0, "dropout probability on embeddings, attention and residual branches")
@@ -91,6 +93,9 @@ class ModelConfig:
         _positive(s, self, "n_decoder_layer", "src_vocab_size", allow_zero=True)
         if self.pos == "sinusoidal" and self.kind != "seq2seq":
             raise ConfigError("model.pos=sinusoidal is only implemented for model.kind=seq2seq; use learned or rope")
+        if self.qk_norm and self.kind != "gpt":
+            raise ConfigError(f"model.qk_norm=true is only implemented for model.kind=gpt (got {self.kind}); "
+                              "set model.qk_norm=false")
         if self.norm_placement == "post" and self.kind != "seq2seq":
             raise ConfigError("model.norm_placement=post is only implemented for model.kind=seq2seq; use pre")
         _positive(s, self, "block_size", "n_layer", "n_head", "n_embd", "norm_eps", "rope_theta")
@@ -271,8 +276,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for the hidden matrices) and the learning-rate schedule."""
 
+    name: str = _f("adamw", "optimizer: adamw (every parameter) | muon (torch.optim.Muon for the 2-D weights of the "
+                            "linear layers inside the transformer blocks: attention and dense MLP; AdamW for the rest: "
+                            "embeddings, LM head, norms, biases, MoE routers and stacked 3-D experts, LoRA adapters)")
     lr: float = _f(6e-4, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not biases, norms)")
@@ -283,11 +291,25 @@ class OptimConfig:
     schedule: str = _f("cosine", "learning-rate schedule: cosine | wsd (warmup-stable-decay) | constant")
     warmup_steps: int = _f(100, "linear warmup steps from 0 to the peak")
     decay_fraction: float = _f(0.2, "wsd only: the share of max_steps spent decaying at the end")
+    muon_lr: float = _f(0.0, "muon: peak learning rate of the Muon matrices; 0 = optim.lr. Each matrix's step is "
+                             "scaled by 0.2*sqrt(max(rows, cols)) (Moonshot's match_rms_adamw: the update has AdamW's "
+                             "RMS), so an AdamW learning rate suits Muon too; Keller Jordan's lr 0.02 for a square "
+                             "DxD matrix is muon_lr=0.1/sqrt(D). The schedule scales it with optim.lr, keeping "
+                             "muon_lr/lr; weight decay: optim.weight_decay x Muon's lr, decoupled as in AdamW")
+    muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the Muon matrices")
+
+    @property
+    def muon_peak_lr(self) -> float:
+        return self.muon_lr or self.lr
 
     def __post_init__(self) -> None:
         s = "optim"
+        _choice(s, "name", self.name, ("adamw", "muon"))
         _choice(s, "schedule", self.schedule, ("cosine", "wsd", "constant"))
         _positive(s, self, "lr", "eps")
+        _positive(s, self, "muon_lr", allow_zero=True)
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
         _positive(s, self, "weight_decay", "grad_clip", "warmup_steps", allow_zero=True)
         for name in ("min_lr_ratio", "beta1", "beta2", "decay_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:

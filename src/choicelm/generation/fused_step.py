@@ -79,7 +79,9 @@ class FusedStep:
                 ffn = (_packed(mlp.gate_proj), _packed(mlp.up_proj), _packed(mlp.down_proj))
             else:
                 ffn = (_packed(mlp.c_fc), _packed(mlp.c_proj))
-            self.layers.append((block.ln_1, _packed(block.attn.c_attn), _packed(block.attn.c_proj), block.ln_2, ffn))
+            qk_norm = (block.attn.q_norm, block.attn.k_norm) if block.attn.q_norm is not None else None
+            self.layers.append((block.ln_1, _packed(block.attn.c_attn), qk_norm, _packed(block.attn.c_proj),
+                                block.ln_2, ffn))
         self.activation = _ACTIVATION["silu" if config.mlp == "silu" else "gelu"]
         self.head = _packed(model.lm_head)
 
@@ -99,9 +101,11 @@ class FusedStep:
                 rope = (rope[0][:, None, None], rope[1][:, None, None])
         mask_B11S = None if attention_mask_BS is None else attention_mask_BS.to(torch.bool)[:, None, None, :]
 
-        for i, (ln_1, (w_qkv, b_qkv), (w_o, b_o), ln_2, ffn) in enumerate(self.layers):
+        for i, (ln_1, (w_qkv, b_qkv), qk_norm, (w_o, b_o), ln_2, ffn) in enumerate(self.layers):
             qkv = _linear(ln_1(x_BD), w_qkv, b_qkv, "none", [], "").view(B, H + 2 * K, 1, Q)
             q_BH1Q, k_BK1Q, v_BK1Q = qkv.split((H, K, K), dim=1)
+            if qk_norm is not None:  # model.qk_norm: per-head RMSNorm of queries and keys, before rotary positions
+                q_BH1Q, k_BK1Q = qk_norm[0](q_BH1Q), qk_norm[1](k_BK1Q)
             if rope is not None:
                 q_BH1Q, k_BK1Q = apply_rope(q_BH1Q, *rope), apply_rope(k_BK1Q, *rope)
             k_cache, v_cache = cache.layer(i)

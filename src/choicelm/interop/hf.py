@@ -344,6 +344,9 @@ def hf_architecture_for(config: ModelConfig, moe: MoEConfig | None = None) -> st
     if config.n_labels:
         raise ConversionError("a classifier (model.n_labels > 0) has no Hugging Face export yet: its head would be "
                               "lost; use the checkpoint with choicelm.load(...).classify")
+    if config.qk_norm:
+        raise ConversionError(f"a model with model.qk_norm=true has no Hugging Face export yet ({GPT2}, {LLAMA} and "
+                              f"{MIXTRAL} do not normalise queries and keys); use the checkpoint with choicelm.load")
     if moe is not None and moe.enabled:
         return _mixtral_or_refuse(config, moe)
     layout = (config.norm, config.mlp, config.pos)

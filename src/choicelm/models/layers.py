@@ -154,6 +154,8 @@ class SelfAttention(nn.Module):
     rows, then K*Q key rows, then K*Q value rows. For GPT-2 (K = H) this is exactly HF's c_attn
     (Conv1D weights transposed); for Llama it is cat([q_proj, k_proj, v_proj]) of the weights.
     c_proj maps the heads back to D (HF GPT-2 c_proj / Llama o_proj).
+    With config.qk_norm, q_norm and k_norm (RMSNorm over Q, learned gain [Q]) normalise each head's queries
+    and keys before rotary positions (OLMo2/Qwen3/Gemma); the KV cache holds the normalised keys.
     """
 
     def __init__(self, config: ModelConfig, causal: bool = True):
@@ -169,6 +171,8 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_proj = True  # GPT-2 init scales it by 1/sqrt(2 * n_layer)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
 
     def forward(self, x_BTD: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
@@ -188,6 +192,8 @@ class SelfAttention(nn.Module):
         q_BHTQ = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k_BKTQ = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v_BKTQ = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHTQ, k_BKTQ = self.q_norm(q_BHTQ), self.k_norm(k_BKTQ)
         if rope is not None:
             q_BHTQ = apply_rope(q_BHTQ, *rope)
             k_BKTQ = apply_rope(k_BKTQ, *rope)

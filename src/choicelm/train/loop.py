@@ -6,7 +6,7 @@ classification, seq2seq, SFT) runs here.
 One optimizer step: fetch this rank's micro-batches, count valid tokens over the global batch,
 forward/backward each micro-batch with its summed loss divided by that count (so accumulation and
 ranks weigh every token the same), skip the step if the loss or gradient norm is not finite, clip,
-AdamW, and every few steps log, evaluate and checkpoint. Only rank 0 writes.
+step the optimizer (AdamW, or Muon + AdamW), and every few steps log, evaluate and checkpoint. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -195,6 +195,11 @@ class Trainer:
             detail = ", ".join(f"{k}: checkpoint {saved_model.get(k)!r} vs now {ours[k]!r}" for k in diff)
             raise ChoicelmError(f"cannot resume from {path}: the model config differs ({detail}); "
                                 "resume with the original settings or start a new --out")
+        saved_optim = (saved.get("optim") or {}).get("name", "adamw")  # checkpoints before optim.name: AdamW
+        if saved_optim != self.cfg.optim.name:
+            raise ChoicelmError(f"cannot resume from {path}: it was trained with optim.name={saved_optim} and its "
+                                f"optimizer state does not fit optim.name={self.cfg.optim.name}; resume with "
+                                f"--optim.name={saved_optim} or start a new --out")
         state = ckpt.load_trainer_state(path)
         if state.get("tokenizer_sha256") != self.inputs.tokenizer_sha256:
             raise ChoicelmError(f"cannot resume from {path}: the data was encoded with a different tokenizer than "
