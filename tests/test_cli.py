@@ -68,18 +68,24 @@ def test_evaluate_matches_cross_entropy_computed_by_hand(trained, capsys):
     capsys.readouterr()
     assert run_cli("evaluate", "--checkpoint", root / "run", "--data", root / "data", "--metrics", "ppl") == 0
     result = json.loads(capsys.readouterr().out)
-    # Independent reference: read the raw val shard with numpy, cut windows, F.cross_entropy.
+    # Independent reference: read the raw val shard with numpy, put <|endoftext|> in front, cut windows of T
+    # every T // 2 tokens (the last one ending at the end), score each token once (in the first window that
+    # holds it), F.cross_entropy.
     manifest = json.loads((root / "data" / "manifest.json").read_text())
     val = np.fromfile(root / "data" / manifest["splits"]["val"]["shards"][0]["file"], dtype=np.uint16).astype(np.int64)
     lm = choicelm.load(root / "run")
     T = lm.config.model.block_size
-    n = (len(val) - 1) // T
-    x = torch.from_numpy(np.stack([val[i * T:i * T + T] for i in range(n)]))
-    y = torch.from_numpy(np.stack([val[i * T + 1:i * T + T + 1] for i in range(n)]))
+    s = np.concatenate([[manifest["eot_id"]], val])
+    starts = list(range(0, len(val) - T, T // 2)) + [len(val) - T]
+    x = torch.from_numpy(np.stack([s[b:b + T] for b in starts]))
+    y = torch.from_numpy(np.stack([s[b + 1:b + T + 1] for b in starts]))
+    y[1:, :T - T // 2] = -100  # scored by the window before
+    y[-1, :T - (len(val) - starts[-2] - T)] = -100
     with torch.no_grad():
-        logits = torch.cat([lm.model(x[i:i + 64]).logits for i in range(0, n, 64)])
+        logits = torch.cat([lm.model(x[i:i + 64]).logits for i in range(0, len(x), 64)])
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
-    assert result["tokens"] == n * T
+    assert result["tokens"] == int((y != -100).sum()) == len(val)
+    assert result["method"] == f"strided, stride {T // 2}, block {T}"
     assert result["loss"] == pytest.approx(loss, abs=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
     bpb = loss / math.log(2) * manifest["splits"]["val"]["tokens"] / manifest["splits"]["val"]["bytes"]

@@ -5,7 +5,7 @@
     choicelm pretrain --config configs/X.yaml --data DIR --out RUN [--section.key=value ...] [--resume auto]
     choicelm finetune --task classify|seq2seq|sft --from CKPT --train FILE [--val FILE] --out RUN
                       [--config YAML --tokenizer DIR (a fresh model)] [--section.key=value ...] [--resume auto]
-    choicelm evaluate --checkpoint RUN --data DIR --metrics ppl
+    choicelm evaluate --checkpoint RUN [RUN ...] --data DIR --metrics ppl [--stride N]   # several: a table
     choicelm evaluate --checkpoint RUN --data FILE [--metrics accuracy,f1 | bleu,rouge] [--num-beams N]
     choicelm generate --checkpoint RUN --prompt "..." [--max-new-tokens --temperature --top-k --top-p --min-p
                       --repetition-penalty --no-repeat-ngram-size --num-beams --seed --stop S ... --stream]
@@ -83,20 +83,28 @@ def cmd_evaluate(args) -> None:
     from pathlib import Path
 
     metrics = _comma_list(args.metrics) if args.metrics else []
+    several = len(args.checkpoint) > 1
     if Path(args.data).is_file():  # a task file: fine-tuning metrics
         from . import load
         from .finetune.evaluate import evaluate_file
 
-        result = evaluate_file(load(args.checkpoint, args.device), args.data, metrics, num_beams=args.num_beams,
+        if several:
+            raise ChoicelmError("a task file is scored one --checkpoint at a time; several checkpoints are "
+                                "compared on prepared data (--metrics ppl)")
+        result = evaluate_file(load(args.checkpoint[0], args.device), args.data, metrics, num_beams=args.num_beams,
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         print(json.dumps(result, indent=1))
         return
-    from .evaluation import evaluate
+    from .evaluation import compare, evaluate, format_table
 
-    result = evaluate(args.checkpoint, args.data, metrics or ["ppl"], split=args.split,
-                      batch_size=args.batch_size, max_batches=args.max_batches, device=args.device,
-                      routing=args.routing)
-    print(json.dumps(result, indent=1))
+    options = dict(split=args.split, batch_size=args.batch_size, max_batches=args.max_batches, device=args.device,
+                   routing=args.routing, stride=args.stride)
+    if several:  # one table, every model on the same tokens
+        if set(metrics) - {"ppl"}:
+            raise ChoicelmError(f"several checkpoints are compared on perplexity only, not {','.join(metrics)}")
+        print(format_table(compare(args.checkpoint, args.data, **options)))
+        return
+    print(json.dumps(evaluate(args.checkpoint[0], args.data, metrics or ["ppl"], **options), indent=1))
 
 
 def _generation_options(args) -> dict:
@@ -276,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune, takes_overrides=True)
 
     p = verbs.add_parser("evaluate", help="score a checkpoint on prepared data, or on a task file")
-    p.add_argument("--checkpoint", required=True, help="run directory or step-XXXXXXXX folder")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="run directory or step-XXXXXXXX folder; several "
+                   "print a table comparing them (and the add-one unigram) on the same tokens")
     p.add_argument("--data", required=True, help="directory written by `choicelm prepare`, or a task file "
                                                  "(.csv/.tsv/.jsonl as for finetune)")
     p.add_argument("--metrics", default="", help="comma-separated: ppl (prepared data; perplexity and bits per byte); "
@@ -288,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="val or train")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--stride", type=int, default=None, help="ppl of a GPT: score windows of block_size tokens every "
+                   "STRIDE tokens, each token once (default block_size // 2; block_size = non-overlapping windows)")
     p.add_argument("--device", default="auto")
     p.add_argument("--routing", default=None, help="MoE models: route with this rule (topk | threshold | predictor | "
                                                    "capacity | dropless); default: the causal rule generation uses")

@@ -56,19 +56,37 @@ def text_lines(data: TokenDataset) -> list[str]:
     return lines
 
 
+def stream_documents(data: TokenDataset, eot_id: int) -> tuple[list[np.ndarray], bool]:
+    """For scoring: the split as one stream (its shards joined, so a document may span two) cut at
+    <|endoftext|>, and whether the stream ends with one (else its last document has no </s> to predict)."""
+    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards] or [np.zeros(0, np.int64)])
+    cuts = np.flatnonzero(ids == eot_id)
+    docs = [ids[a:b] for a, b in zip(np.r_[0, cuts + 1], np.r_[cuts, len(ids)])]
+    ended = len(ids) > 0 and ids[-1] == eot_id
+    return (docs[:-1] if ended else docs), ended
+
+
 def score_split(lm: NGramLM, data: TokenDataset, eot_id: int) -> dict:
-    """Per-prediction loss (nats; </s> counted, as KenLM does), perplexity and bits per byte of a split."""
+    """Per-prediction loss (nats; </s> counted, as KenLM does), perplexity and bits per byte of a split.
+
+    A token model predicts exactly the split's tokens (an <|endoftext|> as </s>), as a neural model's
+    `choicelm evaluate` does; a word model predicts the split's words and one </s> per line."""
     if lm.kind == "words":
-        seqs = [lm.words.encode(line) for line in text_lines(data)]
+        logp_total, count = lm.score([lm.words.encode(line) for line in text_lines(data)])
+        method = f"lines of words ({lm.order}-gram, {lm.smoothing})"
     else:
-        seqs = split_documents(data, eot_id)
-    logp_total, count = lm.score(seqs)
+        docs, ended = stream_documents(data, eot_id)
+        logp_total, count = lm.score(docs if ended else docs[:-1])
+        if not ended:  # the split stops mid-document: its tokens are scored, not an end that is not there
+            last_logp, last_count = lm.score(docs[-1:], eos=False)
+            logp_total, count = logp_total + last_logp, count + last_count
+        method = f"documents ({lm.order}-gram, {lm.smoothing})"
     nats = -logp_total
     if count == 0:
         raise ChoicelmError(f"split '{data.split}' of {data.dir} has nothing to score")
     loss = nats / count
     n_bytes = data.manifest["splits"][data.split].get("bytes")
-    result = {"split": data.split, "tokens": count, "loss": loss, "ppl": math.exp(loss)}
+    result = {"split": data.split, "tokens": count, "loss": loss, "ppl": math.exp(loss), "method": method}
     if n_bytes:
         result["bits_per_byte"] = nats / math.log(2) / n_bytes
     return result
