@@ -1,0 +1,224 @@
+"""End-to-end MoE training speed: full optimizer steps of MoE GPTs against the dense GPT of equal active FLOPs.
+
+    python benchmarks/moe_train.py                          # the demo shape, every arm, 7 interleaved rounds
+    python benchmarks/moe_train.py --arms tc1,tc2 --rounds 5
+    python benchmarks/moe_train.py --profile tc1            # where the arm's extra time goes, against dense
+
+The demo model (configs/shakespeare.yaml): GPT 4 x 256, 4 heads, block 256, micro-batch 16, vocab 4096, GELU MLP
+of width 1024. The MoE arms put an MoE layer of 8 experts in every 2nd block, at the dense model's active FLOPs:
+
+    tc1            token choice top-1 (Switch), expert width 1024, capacity 1.25, balance 0.01, z-loss 1e-3
+    tc2            token choice top-2 dropless (Mixtral), expert width 512, balance 0.01, z-loss 1e-3
+    ec             causal expert choice trained with top-k (the teacher; threshold and predictor learn it), c=2, 512
+    ec-threshold   the same trained with its causal threshold rule (moe.train_causal=true)
+    ec-predictor   the same trained with its predictor rule (train_causal=true, causal_mode=predictor); with
+                   train_causal=false causal_mode=predictor trains exactly as `ec`
+
+One step is what the training loop does (train/loop.py Trainer.train_step): forward under bf16 autocast
+(train/runtime.py) with the summed chunked loss, the MoE aux loss added and read back, backward, gradient
+clipping, the learning rate set, fused AdamW from train/optim.py build_optimizer, zero_grad; and like the loop,
+routing statistics are asked for only on the steps it logs (every --log-every steps) and summarised there.
+Batches are windows of the prepared demo data (--data; random tokens if it is missing), the same for every arm.
+Every model is timed in one process, interleaved round by round so machine noise hits all alike; each figure is
+the median over rounds of the mean step time over --steps steps, printed as tokens/s and as the ratio to dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from choicelm.config import ModelConfig, MoEConfig, OptimConfig
+from choicelm.models import build_model
+from choicelm.models.moe import summarize_stats
+from choicelm.train.optim import build_optimizer, lr_at, set_lr
+from choicelm.train.runtime import autocast, keep_freed_memory
+
+ARMS = {
+    "tc1": dict(router="token_choice", top_k=1, expert_width=1024, capacity=1.25, balance_loss_weight=0.01,
+                z_loss_weight=1e-3),
+    "tc2": dict(router="token_choice", top_k=2, expert_width=512, dropless=True, balance_loss_weight=0.01,
+                z_loss_weight=1e-3),
+    "ec": dict(router="expert_choice_causal", capacity=2.0, expert_width=512, z_loss_weight=0.0),
+    "ec-threshold": dict(router="expert_choice_causal", capacity=2.0, expert_width=512, z_loss_weight=0.0,
+                         train_causal=True),
+    "ec-predictor": dict(router="expert_choice_causal", capacity=2.0, expert_width=512, z_loss_weight=0.0,
+                         train_causal=True, causal_mode="predictor"),
+}
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=args.heads,
+                       n_embd=args.width, dropout=0.0)
+
+
+def build(name: str, args) -> torch.nn.Module:
+    torch.manual_seed(0)
+    moe = None if name == "dense" else MoEConfig(experts=args.experts, every=2, **ARMS[name])
+    return build_model(model_config(args), moe).train()
+
+
+def batches(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """--n-batches (x, y) micro-batches: random windows of the prepared training data, or random tokens."""
+    g = np.random.default_rng(0)
+    path = Path(args.data)
+    if (path / "manifest.json").exists():
+        from choicelm.data.loader import TokenDataset
+
+        tokens = TokenDataset(path, "train").shards[0]
+        starts = g.integers(0, len(tokens) - args.seq - 1, size=(args.n_batches, args.batch))
+        out = []
+        for row in starts:
+            w = torch.from_numpy(np.stack([np.asarray(tokens[s:s + args.seq + 1], dtype=np.int64) for s in row]))
+            out.append((w[:, :-1].clamp(max=args.vocab - 1), w[:, 1:].clamp(max=args.vocab - 1)))
+        return out
+    w = torch.from_numpy(g.integers(0, args.vocab, size=(args.n_batches, args.batch, args.seq + 1)))
+    return [(b[:, :-1], b[:, 1:]) for b in w]
+
+
+class Stepper:
+    """One model, its optimizer, and the training loop's step on it."""
+
+    def __init__(self, name: str, args, data):
+        self.name, self.args, self.data = name, args, data
+        self.model = build(name, args)
+        self.ocfg = OptimConfig(lr=2e-3, weight_decay=0.1, warmup_steps=50)
+        self.opt = build_optimizer(self.model, self.ocfg, "cpu")
+        self.step_no = 0
+        self.moe = bool(self.model.moe_layers())
+
+    def __call__(self) -> None:
+        x, y = self.data[self.step_no % len(self.data)]
+        self.step_no += 1
+        logged = self.step_no % self.args.log_every == 0
+        if self.moe and hasattr(self.model, "routing_stats"):
+            self.model.routing_stats = logged or not self.args.stats_when_logged
+        n_valid = int((y != -100).sum())
+        with autocast(torch.device("cpu"), True):
+            out = self.model(x, y, loss_reduction="sum", return_logits=False)
+            loss = out.loss / n_valid
+            aux_value = 0.0
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+                aux_value = float(out.aux_loss.detach())
+        loss.backward()
+        mean_loss = out.loss.detach().double().item() / n_valid
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
+        if math.isfinite(mean_loss) and math.isfinite(grad_norm):
+            set_lr(self.opt, lr_at(self.step_no, self.ocfg, 600))
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if logged and self.moe:
+            summarize_stats(out.stats)
+        return aux_value
+
+
+def profile(stepper: Stepper, dense: Stepper, steps: int, rows: int, warmup: int) -> None:
+    """Self CPU time per op name, the arm against dense, over `steps` steps each (profiled one step at a time,
+    alternating between the two so machine noise hits both alike); the biggest differences first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for s in (stepper, dense):
+        for _ in range(warmup):
+            s()
+    a: dict[str, list[float]] = {}
+    d: dict[str, list[float]] = {}
+    for _ in range(steps):
+        for s, acc in ((stepper, a), (dense, d)):
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                s()
+            for e in prof.key_averages():
+                total = acc.setdefault(e.key, [0.0, 0])
+                total[0] += e.self_cpu_time_total / steps / 1e3
+                total[1] += e.count / steps
+    a = {k: (v[0], round(v[1])) for k, v in a.items()}
+    d = {k: (v[0], round(v[1])) for k, v in d.items()}
+    ta, td = sum(v for v, _ in a.values()), sum(v for v, _ in d.values())
+    print(f"profile {stepper.name} vs dense, self CPU ms per step (profiler totals: {ta:.1f} vs {td:.1f}, "
+          f"difference {ta - td:+.1f} ms)")
+    print(f"{'op':<48}{stepper.name + ' ms':>12}{'calls':>7}{'dense ms':>10}{'calls':>7}{'diff ms':>9}")
+    keys = sorted(set(a) | set(d), key=lambda k: -(a.get(k, (0, 0))[0] - d.get(k, (0, 0))[0]))
+    for k in keys[:rows]:
+        (ma, ca), (md, cd) = a.get(k, (0.0, 0)), d.get(k, (0.0, 0))
+        print(f"{k[:47]:<48}{ma:>12.2f}{ca:>7}{md:>10.2f}{cd:>7}{ma - md:>+9.2f}")
+    print("... smallest (negative = the arm spends less):")
+    for k in keys[-5:]:
+        (ma, ca), (md, cd) = a.get(k, (0.0, 0)), d.get(k, (0.0, 0))
+        print(f"{k[:47]:<48}{ma:>12.2f}{ca:>7}{md:>10.2f}{cd:>7}{ma - md:>+9.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--data", default="demo/data", help="a prepared data folder (random tokens if missing)")
+    p.add_argument("--n-batches", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=6,
+                   help="untimed steps per model first (routing that fills experts unevenly meets new matmul shapes "
+                        "in its first steps)")
+    p.add_argument("--log-every", type=int, default=10, help="routing statistics on every N-th step, as the loop")
+    p.add_argument("--stats-every-step", dest="stats_when_logged", action="store_false",
+                   help="ask for routing statistics on every step (the behaviour before the stats flag)")
+    p.add_argument("--profile", default="", help="an arm: print a torch.profiler breakdown of it against dense")
+    p.add_argument("--profile-steps", type=int, default=4)
+    p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (one per core)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    data = batches(args)
+
+    if args.profile:
+        profile(Stepper(args.profile, args, data), Stepper("dense", args, data), args.profile_steps,
+                args.profile_rows, args.warmup)
+        return
+
+    names = ["dense"] + [a for a in args.arms.split(",") if a]
+    steppers = {n: Stepper(n, args, data) for n in names}
+    for s in steppers.values():
+        for _ in range(args.warmup):
+            s()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU time: robust to being descheduled
+    t_start = time.perf_counter()
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:  # rotate the order: no arm always runs first
+            s = steppers[n]
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                s()
+            times[n].append((time.perf_counter() - t0) / args.steps)
+            cpu[n].append((time.process_time() - c0) / args.steps)
+    tokens = args.batch * args.seq
+    med = {n: statistics.median(v) for n, v in times.items()}
+    med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
+    print(f"GPT {args.layers}x{args.width}, {args.heads} heads, T={args.seq}, B={args.batch}, vocab {args.vocab}; "
+          f"MoE every 2nd block, {args.experts} experts; bf16 autocast, fused AdamW; threads "
+          f"{torch.get_num_threads()}; median of {args.rounds} rounds x {args.steps} steps "
+          f"({time.perf_counter() - t_start:.0f} s); routing stats "
+          f"{'every ' + str(args.log_every) + ' steps' if args.stats_when_logged else 'every step'}")
+    print("x dense = dense step time / the arm's (tokens/s ratio); cpu: the same from process CPU time")
+    print(f"{'arm':<14}{'ms/step':>9}{'tokens/s':>10}{'x dense':>9}{'round min..max':>17}{'cpu x dense':>13}")
+    for n in names:
+        rel = [times["dense"][i] / times[n][i] for i in range(args.rounds)]
+        print(f"{n:<14}{1e3 * med[n]:>9.1f}{tokens / med[n]:>10.0f}{med['dense'] / med[n]:>9.3f}"
+              f"{min(rel):>10.3f}..{max(rel):.3f}{med_cpu['dense'] / med_cpu[n]:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
