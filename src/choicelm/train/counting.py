@@ -56,14 +56,16 @@ def text_lines(data: TokenDataset) -> list[str]:
     return lines
 
 
-def stream_documents(data: TokenDataset, eot_id: int) -> tuple[list[np.ndarray], bool]:
-    """For scoring: the split as one stream (its shards joined, so a document may span two) cut at
-    <|endoftext|>, and whether the stream ends with one (else its last document has no </s> to predict)."""
-    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards] or [np.zeros(0, np.int64)])
+def score_stream(lm: NGramLM, ids: np.ndarray, eot_id: int) -> tuple[float, int]:
+    """(total natural-log probability, predictions) of a token stream as documents cut at <|endoftext|>:
+    each document's tokens, then </s> for the <|endoftext|> that ends it. After the last one comes either
+    nothing or a document the stream cuts off, whose tokens are scored but not an end it does not have;
+    so the predictions are exactly the stream's tokens, as for a neural model (evaluation.py)."""
     cuts = np.flatnonzero(ids == eot_id)
     docs = [ids[a:b] for a, b in zip(np.r_[0, cuts + 1], np.r_[cuts, len(ids)])]
-    ended = len(ids) > 0 and ids[-1] == eot_id
-    return (docs[:-1] if ended else docs), ended
+    total, count = lm.score(docs[:-1])
+    rest_total, rest_count = lm.score(docs[-1:], eos=False)
+    return total + rest_total, count + rest_count
 
 
 def score_split(lm: NGramLM, data: TokenDataset, eot_id: int) -> dict:
@@ -75,11 +77,8 @@ def score_split(lm: NGramLM, data: TokenDataset, eot_id: int) -> dict:
         logp_total, count = lm.score([lm.words.encode(line) for line in text_lines(data)])
         method = f"lines of words ({lm.order}-gram, {lm.smoothing})"
     else:
-        docs, ended = stream_documents(data, eot_id)
-        logp_total, count = lm.score(docs if ended else docs[:-1])
-        if not ended:  # the split stops mid-document: its tokens are scored, not an end that is not there
-            last_logp, last_count = lm.score(docs[-1:], eos=False)
-            logp_total, count = logp_total + last_logp, count + last_count
+        ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards])  # a document may span shards
+        logp_total, count = score_stream(lm, ids, eot_id)
         method = f"documents ({lm.order}-gram, {lm.smoothing})"
     nats = -logp_total
     if count == 0:
