@@ -33,8 +33,8 @@ Dispatch: every rule ends as (idx_EC, gate_EC): for each expert, C token slots h
 index and its gate (0 for an empty slot). Top-k expert choice has exactly C = k slots per group,
 so it needs no host sync, and its experts run as one gather into [E, C, D], two batched matmuls and
 one index_add back to [N, D]. The token-local rules fill experts unevenly (counts_E, one sync): their
-slots are padded to the busiest expert, and each expert runs on its filled slots only (one matmul
-pair per busy expert), so no padding is computed.
+slots are padded to the busiest expert, and each expert runs on its filled slots only, rounded up to one
+of a few sizes (one matmul pair per busy expert; under 1/16 of padding is computed).
 
 Shape suffixes: B batch, T positions, N = B*T tokens, D model width, E experts, F expert width,
 C slots per expert, G routing groups, n tokens per group, k tokens an expert takes per group.
@@ -89,18 +89,15 @@ class Experts(nn.Module):
         """Every expert on its C slots: [E, C, D] -> [E, C, D], two batched matmuls."""
         return self._ffn(x_ECD, self.w_in, self.w_out)
 
-    def forward_ragged(self, x_RD: torch.Tensor, counts: list[int], rows: list[int] | None = None) -> torch.Tensor:
-        """Expert e on its rows[e] rows of x_RD (rows grouped by expert, in expert order), keeping the first
-        counts[e] outputs -> [sum(counts), D]. rows (default: counts) may round each expert's tokens up to one of
-        a few sizes (see padded_rows); an expert without rows reads no weights: one matmul pair per busy expert."""
-        rows = counts if rows is None else rows
+    def forward_ragged(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Expert e on its counts[e] rows of x_AD (rows grouped by expert, in expert order) -> [A, D]: an expert
+        without tokens reads no weights, for one matmul pair per busy expert."""
         w_in, w_out = self.w_in, self.w_out
-        if torch.is_autocast_enabled(x_RD.device.type):  # cast once, not per expert (~6% faster under bf16)
-            dtype = torch.get_autocast_dtype(x_RD.device.type)
+        if torch.is_autocast_enabled(x_AD.device.type):  # cast once, not per expert (~6% faster under bf16)
+            dtype = torch.get_autocast_dtype(x_AD.device.type)
             w_in, w_out = w_in.to(dtype), w_out.to(dtype)
         w_in, w_out = w_in.unbind(0), w_out.unbind(0)  # unbind: one backward (a stack) for all
-        return torch.cat([self._ffn(x_rD, w_in[e], w_out[e])[:counts[e]]
-                          for e, x_rD in enumerate(x_RD.split(rows)) if counts[e]])
+        return torch.cat([self._ffn(x_cD, w_in[e], w_out[e]) for e, x_cD in enumerate(x_AD.split(counts)) if len(x_cD)])
 
     def _ffn(self, x, w_in, w_out):  # batched ([E, C, D] @ [E, D, *]) or one expert ([c, D] @ [D, *])
         h = x @ w_in
@@ -236,17 +233,17 @@ class MoE(nn.Module):
         E, C = idx_EC.shape
         # Routing that fills experts unevenly (token choice, causal expert choice) runs each expert on its own
         # tokens: dropless top-2 pads ~10% of the slots at 8 experts x 512, capacity 1.25 ~25%, a decode step most.
+        # Each expert's filled slots are rounded up to one of a few sizes (padded_rows: new matmul shapes are slow);
+        # the extra slots are padding as in the batched path (token 0, gate 0), so they add exact zeros.
         # Gathers use index_select, not x_ND[idx]: its backward is an index_add, not a slower accumulating index_put.
         if counts_E is not None and E * C > counts_E.sum():
-            counts = counts_E.tolist()
-            rows = [padded_rows(c) for c in counts]
-            if max(rows) > C:  # padding slots hold token 0 with gate 0 (any token would do: their rows are dropped)
+            rows = [padded_rows(c) for c in counts_E.tolist()]
+            if max(rows) > C:
                 idx_EC, gate_EC = F.pad(idx_EC, (0, max(rows) - C)), F.pad(gate_EC, (0, max(rows) - C))
             slot_EC = torch.arange(idx_EC.shape[1], device=idx_EC.device)[None]
-            filled_EC = slot_EC < counts_E[:, None]
-            idx_A, gate_A = idx_EC[filled_EC], gate_EC[filled_EC]
-            idx_R = idx_EC[slot_EC < torch.tensor(rows, device=idx_EC.device)[:, None]] if rows != counts else idx_A
-            y_AD = self.experts.forward_ragged(x_ND.index_select(0, idx_R), counts, rows)
+            run_EC = slot_EC < torch.tensor(rows, device=idx_EC.device)[:, None]
+            idx_A, gate_A = idx_EC[run_EC], gate_EC[run_EC]
+            y_AD = self.experts.forward_ragged(x_ND.index_select(0, idx_A), rows)
         else:
             idx_A, gate_A = idx_EC.reshape(-1), gate_EC.reshape(-1)
             y_AD = self.experts(x_ND.index_select(0, idx_A).view(E, C, D)).view(E * C, D)
