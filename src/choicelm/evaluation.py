@@ -8,10 +8,10 @@ included, is predicted exactly once from the tokens before it:
     GPT (fixed length)  sliding windows of block_size tokens every `stride` tokens (Hugging Face's
                         "Perplexity of fixed-length models"): the first window scores all its tokens, each
                         later one only its last `stride`, and the last window is aligned to the end of the
-                        stream (it scores the rest, so it too is full length). A token sees block_size - stride
-                        to block_size - 1 tokens before it (fewer only in the first window). stride = block_size
-                        is the old cheap figure (non-overlapping windows); stride = 1 gives every token its full
-                        context at one forward pass per token. Default: block_size // 2.
+                        stream (it scores the rest, so it too is full length). A token is predicted from the
+                        block_size - stride + 1 to block_size tokens before it (fewer only in the first window).
+                        stride = block_size is the old cheap figure (non-overlapping windows); stride = 1 gives
+                        every token its full context at one forward pass per token. Default: block_size // 2.
     LSTM (recurrent)    one pass over the whole stream in chunks of block_size with the state carried, so a
                         token sees the whole split before it (it has no fixed length; `stride` does not apply).
     n-gram              each document from <s>: its tokens, then </s> for the <|endoftext|> that ends it (a
@@ -48,6 +48,7 @@ METRICS = ("ppl",)
 
 
 def check_stride(stride: int | None, block_size: int | None = None) -> None:
+    """None (the default) or 1..block_size; else one ChoicelmError line."""
     if stride is None:
         return
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
@@ -75,7 +76,8 @@ def stream_reader(data: TokenDataset):
 def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int]]:
     """(start, skip) of each window over a stream of n_tokens + 1 (the BOS first): inputs are stream[start:
     start+L], targets stream[start+1:start+L+1] (L = min(block_size, n_tokens)), of which the first `skip`
-    were scored by an earlier window."""
+    were scored by an earlier window. The last window ends at the end of the stream rather than being cut
+    short (Hugging Face's recipe): every window has one shape, and the last tokens keep a long context."""
     L = min(block_size, n_tokens)
     windows, scored_to = [], 0
     for start in list(range(0, n_tokens - L, stride)) + [n_tokens - L]:
