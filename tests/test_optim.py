@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from choicelm.config import ConfigError, ModelConfig, MoEConfig, OptimConfig, load_config
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import ConfigError, ModelConfig, MoEConfig, OptimConfig, load_config
+from choicelm.core.errors import ChoicelmError
 from choicelm.models import GPT, build_model
 from choicelm.train.optim import MuonAdamW, build_optimizer, lr_at, muon_parameter_names, set_lr
 
@@ -54,16 +54,43 @@ def test_muon_takes_exactly_the_2d_block_matrices():
     dense = {f"transformer.h.{i}.mlp.{m}.weight" for i in (0, 2) for m in ("gate_proj", "up_proj", "down_proj")}
     attn = {f"transformer.h.{i}.attn.{m}.weight" for i in range(4) for m in ("c_attn", "c_proj")}
     assert names_in(opt.muon, model) == dense | attn
+    experts = {f"transformer.h.{i}.mlp.experts.{w}" for i in (1, 3) for w in ("w_in", "w_out")}
+    assert names_in(opt.experts, model) == experts  # stacked experts: Muon per expert matrix (StackedMuon)
     adamw = names_in(opt.adamw, model)
-    for name in ("transformer.h.1.mlp.router.weight", "transformer.h.1.mlp.predictor.weight",
-                 "transformer.h.3.mlp.experts.w_in", "transformer.h.3.mlp.experts.w_out", "lm_head.weight",
+    for name in ("transformer.h.1.mlp.router.weight", "transformer.h.1.mlp.predictor.weight", "lm_head.weight",
                  "transformer.wte.weight", "transformer.h.0.ln_1.weight"):
         assert name in adamw, name
-    assert adamw | dense | attn == {n for n, _ in model.named_parameters()}
+    assert adamw | dense | attn | experts == {n for n, _ in model.named_parameters()}
     # AdamW decays its matrices (embeddings, head, routers, experts), never 1-D gains or biases
     decayed = [g for g in opt.adamw.param_groups if g["weight_decay"] > 0]
     assert all(p.dim() >= 2 for g in decayed for p in g["params"])
     assert all(p.dim() < 2 for g in opt.adamw.param_groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+def test_stacked_expert_muon_moves_each_expert_as_torch_muon_moves_a_matrix():
+    """The reference: torch.optim.Muon with every expert's [D, F] slice as a parameter of its own."""
+    model = GPT(tiny(**LLAMA, n_layer=2), MoEConfig(experts=4, every=2, router="token_choice", dropless=True))
+    cfg = muon_cfg(muon_momentum=0.9)
+    opt = build_optimizer(model, cfg, "cpu")
+    w = model.transformer.h[1].mlp.experts.w_in
+    slices = [torch.nn.Parameter(w[e].detach().clone()) for e in range(w.shape[0])]
+    ref = torch.optim.Muon(slices, lr=cfg.muon_lr, weight_decay=0.1, momentum=0.9, nesterov=True,
+                           adjust_lr_fn="match_rms_adamw")
+    torch.manual_seed(0)
+    for step in range(2):
+        ids = torch.randint(0, 64, (2, 16))
+        model(ids, ids).loss.backward()
+        for e, s in enumerate(slices):
+            s.grad = w.grad[e].clone()
+        set_lr(opt, cfg.lr)
+        for g in ref.param_groups:
+            g["lr"] = cfg.muon_lr
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        for e, s in enumerate(slices):
+            assert torch.equal(w[e].detach(), s.detach()), (step, e)
+    assert not torch.equal(w.detach()[0], slices[1].detach())  # (the experts did move apart)
 
 
 def test_adamw_default_is_unchanged_and_frozen_parameters_are_left_out():
