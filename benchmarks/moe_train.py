@@ -15,9 +15,9 @@ of width 1024. The MoE arms put an MoE layer of 8 experts in every 2nd block, at
                    train_causal=false causal_mode=predictor trains exactly as `ec`
 
 One step is what the training loop does (train/loop.py Trainer.train_step): forward under bf16 autocast
-(train/runtime.py) with the summed chunked loss, the MoE aux loss added and read back, backward, gradient
+(core/runtime.py) with the summed chunked loss, the MoE aux loss added and read back, backward, gradient
 clipping, the learning rate set, fused AdamW from train/optim.py build_optimizer, zero_grad; and like the loop,
-routing statistics are asked for only on the steps it logs (every --log-every steps) and summarised there.
+the routing statistics summarised every --log-every steps.
 Batches are windows of the prepared demo data (--data; random tokens if it is missing), the same for every arm.
 Every model is timed in one process, interleaved round by round so machine noise hits all alike; each figure is
 the median over rounds of the mean step time over --steps steps, printed as tokens/s and as the ratio to dense.
@@ -28,17 +28,19 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from choicelm.config import ModelConfig, MoEConfig, OptimConfig
+from choicelm.core.config import ModelConfig, MoEConfig, OptimConfig
 from choicelm.models import build_model
+from choicelm.models import moe as moe_module
 from choicelm.models.moe import summarize_stats
 from choicelm.train.optim import build_optimizer, lr_at, set_lr
-from choicelm.train.runtime import autocast, keep_freed_memory
+from choicelm.core.runtime import autocast, keep_freed_memory
 
 ARMS = {
     "tc1": dict(router="token_choice", top_k=1, expert_width=1024, capacity=1.25, balance_loss_weight=0.01,
@@ -92,13 +94,22 @@ class Stepper:
         self.opt = build_optimizer(self.model, self.ocfg, "cpu")
         self.step_no = 0
         self.moe = bool(self.model.moe_layers())
+        self.unpadded = False  # run ragged experts on exactly their tokens (the code before padded_rows)
+        self.summary: dict = {}  # summarize_stats of the last logged step
 
     def __call__(self) -> None:
+        if not self.unpadded:
+            return self._step()
+        saved, moe_module.padded_rows = moe_module.padded_rows, lambda count: count
+        try:
+            return self._step()
+        finally:
+            moe_module.padded_rows = saved
+
+    def _step(self) -> None:
         x, y = self.data[self.step_no % len(self.data)]
         self.step_no += 1
         logged = self.step_no % self.args.log_every == 0
-        if self.moe and hasattr(self.model, "routing_stats"):
-            self.model.routing_stats = logged or not self.args.stats_when_logged
         n_valid = int((y != -100).sum())
         with autocast(torch.device("cpu"), True):
             out = self.model(x, y, loss_reduction="sum", return_logits=False)
@@ -115,7 +126,7 @@ class Stepper:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if logged and self.moe:
-            summarize_stats(out.stats)
+            self.summary = summarize_stats(out.stats)
         return aux_value
 
 
@@ -170,9 +181,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=6,
                    help="untimed steps per model first (routing that fills experts unevenly meets new matmul shapes "
                         "in its first steps)")
-    p.add_argument("--log-every", type=int, default=10, help="routing statistics on every N-th step, as the loop")
-    p.add_argument("--stats-every-step", dest="stats_when_logged", action="store_false",
-                   help="ask for routing statistics on every step (the behaviour before the stats flag)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="summarise the routing statistics every N steps, as the loop")
+    p.add_argument("--unpadded", action="store_true",
+                   help="also time each arm as ARM/unpadded: ragged experts on exactly their tokens (no padded_rows), "
+                        "as before the rounding")
     p.add_argument("--profile", default="", help="an arm: print a torch.profiler breakdown of it against dense")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-rows", type=int, default=30)
@@ -188,8 +201,12 @@ def main() -> None:
                 args.profile_rows, args.warmup)
         return
 
-    names = ["dense"] + [a for a in args.arms.split(",") if a]
-    steppers = {n: Stepper(n, args, data) for n in names}
+    arms = [a for a in args.arms.split(",") if a]
+    ragged = ("tc1", "tc2", "ec-threshold", "ec-predictor")  # training rules that fill experts unevenly
+    names = ["dense"] + [n for a in arms for n in ([a, a + "/unpadded"] if args.unpadded and a in ragged else [a])]
+    steppers = {n: Stepper(n.split("/")[0], args, data) for n in names}
+    for n, s in steppers.items():
+        s.unpadded = n.endswith("/unpadded")
     for s in steppers.values():
         for _ in range(args.warmup):
             s()
@@ -204,20 +221,25 @@ def main() -> None:
                 s()
             times[n].append((time.perf_counter() - t0) / args.steps)
             cpu[n].append((time.process_time() - c0) / args.steps)
+        done = ", ".join(f"{n} {1e3 * times[n][-1]:.0f} ms (cpu {1e3 * cpu[n][-1]:.0f})" for n in names)
+        print(f"round {r + 1}/{args.rounds}: {done}", file=sys.stderr, flush=True)
     tokens = args.batch * args.seq
     med = {n: statistics.median(v) for n, v in times.items()}
     med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
     print(f"GPT {args.layers}x{args.width}, {args.heads} heads, T={args.seq}, B={args.batch}, vocab {args.vocab}; "
           f"MoE every 2nd block, {args.experts} experts; bf16 autocast, fused AdamW; threads "
           f"{torch.get_num_threads()}; median of {args.rounds} rounds x {args.steps} steps "
-          f"({time.perf_counter() - t_start:.0f} s); routing stats "
-          f"{'every ' + str(args.log_every) + ' steps' if args.stats_when_logged else 'every step'}")
+          f"({time.perf_counter() - t_start:.0f} s)")
     print("x dense = dense step time / the arm's (tokens/s ratio); cpu: the same from process CPU time")
-    print(f"{'arm':<14}{'ms/step':>9}{'tokens/s':>10}{'x dense':>9}{'round min..max':>17}{'cpu x dense':>13}")
+    print("experts/token and load max: routing statistics of each arm's last logged step")
+    print(f"{'arm':<22}{'ms/step':>9}{'tokens/s':>10}{'x dense':>9}{'round min..max':>17}{'cpu x dense':>13}"
+          f"{'experts/token':>15}{'load max':>10}")
     for n in names:
         rel = [times["dense"][i] / times[n][i] for i in range(args.rounds)]
-        print(f"{n:<14}{1e3 * med[n]:>9.1f}{tokens / med[n]:>10.0f}{med['dense'] / med[n]:>9.3f}"
-              f"{min(rel):>10.3f}..{max(rel):.3f}{med_cpu['dense'] / med_cpu[n]:>13.3f}")
+        summary = steppers[n].summary
+        routing = (f"{summary['moe_experts_per_token']:>15.2f}{summary['moe_load_max']:>10.2f}" if summary else "")
+        print(f"{n:<22}{1e3 * med[n]:>9.1f}{tokens / med[n]:>10.0f}{med['dense'] / med[n]:>9.3f}"
+              f"{min(rel):>10.3f}..{max(rel):.3f}{med_cpu['dense'] / med_cpu[n]:>13.3f}{routing}")
 
 
 if __name__ == "__main__":
