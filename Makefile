@@ -27,6 +27,7 @@ demo-finetune: $(STAMP)
 	bash scripts/demo_finetune.sh
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)

@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from choicelm.config import ModelConfig
+from choicelm.core.config import ModelConfig
 from choicelm.generation import GenerationConfig, generate_ids
-from choicelm.generation.layout import prepare_for_decoding
+from choicelm.generation.weight_layout import prepare_for_decoding
 from choicelm.models import GPT
-from choicelm.train.runtime import keep_freed_memory
+from choicelm.core.runtime import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

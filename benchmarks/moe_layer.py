@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from choicelm.config import ModelConfig, MoEConfig
+from choicelm.core.config import ModelConfig, MoEConfig
 from choicelm.models.layers import SwiGLU
 from choicelm.models.moe import MoE
-from choicelm.train.runtime import keep_freed_memory
+from choicelm.core.runtime import keep_freed_memory
 
 
 def build_layers(args) -> dict[str, tuple[torch.nn.Module, str | None]]:

@@ -33,11 +33,11 @@ PROMPTS = ["To be, or not to be", "Once more unto the breach", "Friends, Romans,
 
 
 def make_checkpoint(root: Path, layers: int, width: int, heads: int, block: int) -> Path:
-    from choicelm.config import Config
+    from choicelm.core.config import Config
     from choicelm.data.corpora import shakespeare_files
     from choicelm.models import build_model
     from choicelm.tokenizer import Tokenizer
-    from choicelm.train import checkpoint as ckpt
+    from choicelm.core import checkpoint as ckpt
 
     files = [p for p in shakespeare_files() if p.name in ("macbeth_gut.txt", "sonnets_gut.txt")]
     tok = Tokenizer.train(files, 1024)

@@ -5,7 +5,7 @@
 
 One process: count the n-gram on the training split (seconds), then train the GPT with the project's own
 loop (Trainer.train_step, the same steps `choicelm pretrain` takes, no checkpoints) and every --eval-every
-steps score the validation split with the fair perplexity of `choicelm evaluate` (evaluation.py: strided
+steps score the validation split with the fair perplexity of `choicelm evaluate` (evaluation/perplexity.py: strided
 windows, every token once). --eval-windows caps that to the first windows of the split for speed (0 = the
 whole split); the n-gram target is then scored on exactly those tokens too. Seconds are training time only
 (evaluation excluded); tokens are training tokens (optimizer steps x global batch x block_size).
@@ -22,15 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from choicelm.api import LanguageModel
-from choicelm.config import load_config
+from choicelm.core.config import load_config
 from choicelm.data.loader import TokenDataset
-from choicelm.evaluation import perplexity
+from choicelm.evaluation.perplexity import perplexity
 from choicelm.models.ngram import NGramLM
 from choicelm.tokenizer import Tokenizer
-from choicelm.train.counting import score_stream, split_documents
+from choicelm.data.loader import split_documents
+from choicelm.models.ngram import score_stream
 from choicelm.train.distributed import DistInfo
 from choicelm.train.loop import Trainer, pretraining_inputs
-from choicelm.train.runtime import keep_freed_memory, pick_device
+from choicelm.core.runtime import keep_freed_memory, pick_device
 
 
 def main() -> None:

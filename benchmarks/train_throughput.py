@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from choicelm.config import ModelConfig
+from choicelm.core.config import ModelConfig
 from choicelm.models import build_model
-from choicelm.train.metrics import peak_memory_mb
-from choicelm.train.runtime import autocast, compile_for_training, keep_freed_memory
+from choicelm.train.run_log import peak_memory_mb
+from choicelm.core.runtime import autocast, keep_freed_memory
+from choicelm.train.loop import compile_for_training
 
 
 def build(kind: str, args) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from choicelm.data.corpora import (write_bbc_classification, write_bbc_headlines, write_bbc_text,
                                    write_sentiment_classification)
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 
 WRITERS = {
     "bbc-classify": write_bbc_classification,

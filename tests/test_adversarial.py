@@ -18,12 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from choicelm.config import ModelConfig, MoEConfig
+from choicelm.core.config import ModelConfig, MoEConfig
 from choicelm.data.pairs import PairDataset
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.finetune.adversarial import AdversarialObjective, input_embedding
 from choicelm.models import BERT, GPT, LSTMLM, Seq2Seq
-from choicelm.train.objectives import MaskedLM, TruncatedBPTT, causal_lm
+from choicelm.objectives import MaskedLM, TruncatedBPTT, causal_lm
 
 from conftest import free_port
 

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from choicelm.cli import main
-from choicelm.config import ConfigError, ModelConfig, MoEConfig, load_config
+from choicelm.core.config import ConfigError, ModelConfig, MoEConfig, load_config
 from choicelm.data.mlm import MLMMasker, mlm_generator, next_sentence_pairs
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.models import build_model
 from choicelm.models.bert import (BERT, MoEEncoderBlock, config_from_hf_bert, load_hf_bert_state,
                                   state_dict_from_hf_bert)
-from choicelm.train import checkpoint as ckpt
+from choicelm.core import checkpoint as ckpt
 from choicelm.train.loop import KILL_AFTER_STEP_ENV
 
 from conftest import ROOT
@@ -253,7 +253,7 @@ def val_losses(run: Path) -> dict[int, float]:
 
 
 def test_mlm_pretraining_learns_and_evaluate_reports_mlm_loss(prepared, tmp_path, monkeypatch):
-    from choicelm.evaluation import evaluate
+    from choicelm.evaluation.perplexity import evaluate
 
     _, data = prepared
     seen = []  # what the model is trained on: (inputs, targets) of every training forward
@@ -602,7 +602,7 @@ def test_next_sentence_pairs_never_cross_padding():
 
 
 def test_masked_lm_objective_pairs_then_masks_seeded_by_the_key():
-    from choicelm.train.objectives import MaskedLM
+    from choicelm.objectives import MaskedLM
 
     masker = MLMMasker(mask_id=2, vocab_size=500, special_ids=(0, 1, 2))
     x_BT = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -756,7 +756,7 @@ def test_nsp_pretraining_through_the_loop(prepared, tmp_path, monkeypatch):
     assert sorted(val_losses(run)) == [10, 20]
     weights = load_file(str(run / "step-00000020" / "model.safetensors"))
     assert weights["nsp_head.bias"].abs().max() > 0 and weights["pooler.bias"].abs().max() > 0  # trained from 0
-    from choicelm.evaluation import evaluate
+    from choicelm.evaluation.perplexity import evaluate
 
     result = evaluate(run, data, ["ppl"], batch_size=4, max_batches=2)  # MLM + NSP, as the run's val_loss
     assert result["objective"] == "mlm+nsp" and 0 < result["loss"] < math.log(512) + math.log(2)

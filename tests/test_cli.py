@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import choicelm
 from choicelm.cli import build_parser, main
-from choicelm.config import SECTIONS
+from choicelm.core.config import SECTIONS
 
 from conftest import TINY
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from choicelm.config import SECTIONS, Config, ConfigError, config_help, load_config
+from choicelm.core.config import SECTIONS, Config, ConfigError, config_help, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -9,7 +9,7 @@ import pytest
 
 from choicelm.data.corpora import (SPLITS, bbc_news, sentiment_tweets, split_bbc, write_bbc_classification,
                                    write_bbc_headlines, write_sentiment_classification)
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 
 CATEGORIES = {"business", "entertainment", "politics", "sports", "tech"}
 

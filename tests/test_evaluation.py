@@ -1,4 +1,4 @@
-"""Fair perplexity (evaluation.py): every model kind scores exactly the N tokens of a split, preceded by a
+"""Fair perplexity (evaluation/perplexity.py): every model kind scores exactly the N tokens of a split, preceded by a
 virtual <|endoftext|>; a GPT through strided windows, checked here against one forward pass per token over
 exactly the context the stride rule gives it; an LSTM with its state carried; an n-gram by documents."""
 
@@ -13,15 +13,16 @@ import torch.nn.functional as F
 
 from choicelm.api import LanguageModel
 from choicelm.cli import main
-from choicelm.config import Config
+from choicelm.core.config import Config
 from choicelm.data.loader import TokenDataset
 from choicelm.data.prepare import prepare
-from choicelm.errors import ChoicelmError
-from choicelm.evaluation import compare, evaluate, format_table, perplexity, unigram_perplexity
+from choicelm.core.errors import ChoicelmError
+from choicelm.evaluation.perplexity import compare, evaluate, format_table, perplexity, unigram_perplexity
 from choicelm.models import build_model
 from choicelm.models.ngram import NGramLM
 from choicelm.tokenizer import Tokenizer
-from choicelm.train.counting import score_split, split_documents
+from choicelm.data.loader import split_documents
+from choicelm.objectives import score_split
 
 from conftest import TINY
 

@@ -11,14 +11,14 @@ import torch
 
 import choicelm
 from choicelm.cli import main
-from choicelm.config import load_config
-from choicelm.errors import ChoicelmError
-from choicelm.finetune import data as fd
+from choicelm.core.config import load_config
+from choicelm.core.errors import ChoicelmError
+from choicelm.data import tasks as fd
 from choicelm.finetune.run import finetune
 from choicelm.generation.chat import SFT_TEMPLATE, render_chat
 from choicelm.models import build_model
 from choicelm.tokenizer import Tokenizer
-from choicelm.train import checkpoint as ckpt
+from choicelm.core import checkpoint as ckpt
 
 from conftest import ROOT
 
@@ -198,8 +198,7 @@ def test_chat_template_renders_as_transformers_and_travels_with_the_model(tasks,
 
 
 def test_lora_run_keeps_the_base_frozen_and_loads_merged(bert_classifier, tasks, tmp_path):
-    from choicelm.finetune.lora import apply_lora, has_lora
-    from choicelm.finetune.run import lora_settings
+    from choicelm.models.lora import apply_lora, has_lora, lora_settings
 
     out = run(tasks, tmp_path / "lora", "classify", "bert-tiny.yaml", "train.csv", "val.csv",
               f"--finetune.init={bert_classifier}", "--finetune.lora_r=4", "--train.max_steps=5")

@@ -8,8 +8,8 @@ import sacrebleu
 import sklearn.metrics as skm
 from rouge_score import rouge_scorer
 
-from choicelm.errors import ChoicelmError
-from choicelm.finetune.metrics import (METRICS, bleu, check_metric_names, classification_metrics,
+from choicelm.core.errors import ChoicelmError
+from choicelm.evaluation.metrics import (METRICS, bleu, check_metric_names, classification_metrics,
                                        format_classification_report, rouge)
 
 # A 3-class example small enough to score by hand (see test_macro_f1_by_hand).

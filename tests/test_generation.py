@@ -11,8 +11,8 @@ import yaml
 
 import choicelm
 from choicelm.cli import main
-from choicelm.config import Config, ModelConfig
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import Config, ModelConfig
+from choicelm.core.errors import ChoicelmError
 from choicelm.generation import GenerationConfig, generate_ids, generate_text, stream_text
 from choicelm.generation.processors import MinP, NoRepeatNGram, RepetitionPenalty, Temperature, TopK, TopP
 from choicelm.generation.streaming import IncrementalDecoder, RowText
@@ -383,7 +383,7 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizers):
     """A checkpoint written by hand: a tiny GPT with the char tokenizer."""
-    from choicelm.train import checkpoint as ckpt
+    from choicelm.core import checkpoint as ckpt
 
     root = tmp_path_factory.mktemp("genrun")
     tok = tokenizers["char"]
@@ -467,7 +467,7 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, monkeypatch, onednn):
     """fp32: prepacked oneDNN linears, or without oneDNN weights re-stored [in, out]; same values and outputs."""
     from safetensors.torch import load_file, save_model
 
-    from choicelm.generation.layout import PackedLinear, prepare_for_decoding, restore_layout
+    from choicelm.generation.weight_layout import PackedLinear, prepare_for_decoding, restore_layout
 
     if onednn and not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -501,7 +501,7 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, monkeypatch, onednn):
 
 
 def test_bf16_prepacked_linears_give_the_same_logits_and_tokens():
-    from choicelm.generation.layout import PackedLinear, prepare_for_decoding, restore_layout
+    from choicelm.generation.weight_layout import PackedLinear, prepare_for_decoding, restore_layout
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -557,7 +557,7 @@ def test_fused_decode_step_gives_hugging_face_logits(layout):
     """FusedStep (what generation uses on a prepared dense GPT) against HF's full forward of each row alone:
     fp32 logits equal to 1e-5 at every step, for a left-padded batch (per-row mask and positions)."""
     from choicelm.generation.fused_step import FusedStep
-    from choicelm.generation.layout import prepare_for_decoding
+    from choicelm.generation.weight_layout import prepare_for_decoding
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -586,9 +586,9 @@ def test_fused_decode_step_gives_hugging_face_logits(layout):
 def test_fused_decode_step_only_takes_models_it_computes_exactly():
     """Anything FusedStep does not compute (hooks, training mode, unprepared linears, MoE) decodes
     through the module forward, with the same tokens."""
-    from choicelm.config import MoEConfig
+    from choicelm.core.config import MoEConfig
     from choicelm.generation.fused_step import FusedStep, ModuleStep, decode_step
-    from choicelm.generation.layout import prepare_for_decoding
+    from choicelm.generation.weight_layout import prepare_for_decoding
 
     _, model = hf_gpt2()
     assert not FusedStep.supports(model)  # plain nn.Linear: not prepared

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from choicelm.config import ModelConfig
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import ModelConfig
+from choicelm.core.errors import ChoicelmError
 from choicelm.models import GPT, ModelOutput, build_model
 from choicelm.models.layers import linear_cross_entropy
 
@@ -471,7 +471,7 @@ def test_qk_norm_fused_decode_step_and_greedy_tokens(layout):
     greedy generate gives the module forward's argmax tokens."""
     from choicelm.generation import GenerationConfig, generate_ids
     from choicelm.generation.fused_step import FusedStep, decode_step
-    from choicelm.generation.layout import prepare_for_decoding
+    from choicelm.generation.weight_layout import prepare_for_decoding
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -498,7 +498,7 @@ def test_qk_norm_fused_decode_step_and_greedy_tokens(layout):
 
 
 def test_qk_norm_is_refused_by_hugging_face_export_and_other_kinds():
-    from choicelm.config import ConfigError
+    from choicelm.core.config import ConfigError
     from choicelm.interop.hf import ConversionError, hf_architecture_for
 
     with pytest.raises(ConversionError, match="model.qk_norm=true has no Hugging Face export") as e:

@@ -14,15 +14,15 @@ from safetensors.torch import load_file
 
 import choicelm
 from choicelm.cli import main
-from choicelm.config import Config, ModelConfig
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import Config, ModelConfig
+from choicelm.core.errors import ChoicelmError
 from choicelm.interop import ConversionError, from_hf, to_hf
 from choicelm.interop.hf import load_hf_tokenizer
 from choicelm.interop.tiktoken_bpe import (bytes_to_unicode, read_tiktoken, tiktoken_to_vocab_merges,
                                            write_vocab_merges)
 from choicelm.models import build_model
 from choicelm.tokenizer import Tokenizer
-from choicelm.train import checkpoint as ckpt
+from choicelm.core import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")
 

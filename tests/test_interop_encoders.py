@@ -15,8 +15,8 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, 
 
 import choicelm
 from choicelm.cli import main
-from choicelm.errors import ChoicelmError
-from choicelm.finetune.data import decoder_start_id
+from choicelm.core.errors import ChoicelmError
+from choicelm.data.tasks import decoder_start_id
 from choicelm.generation import GenerationConfig
 from choicelm.generation.seq2seq import generate_seq2seq
 from choicelm.interop import ConversionError, from_hf, to_hf
@@ -354,8 +354,8 @@ def test_marian_import_refuses_a_final_logits_bias(tmp_path, marian_tokenizer_di
 def test_fine_tuning_starts_from_an_imported_bert(tmp_path, bert_tokenizer_dir):
     """An imported BERT reads a classification text as transformers' tokenizer prepares it ([CLS] text [SEP])
     and fine-tunes from the converted folder."""
-    from choicelm.config import load_config
-    from choicelm.finetune.data import classification_ids
+    from choicelm.core.config import load_config
+    from choicelm.data.tasks import classification_ids
     from choicelm.finetune.run import finetune
 
     _, folder = bert_dir(tmp_path, "BertModel", bert_tokenizer_dir)

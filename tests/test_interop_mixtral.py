@@ -13,12 +13,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import choicelm
-from choicelm.config import Config, ModelConfig, MoEConfig
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import Config, ModelConfig, MoEConfig
+from choicelm.core.errors import ChoicelmError
 from choicelm.interop import ConversionError, from_hf, to_hf
 from choicelm.models import build_model
 from choicelm.models.gpt import MoEBlock
-from choicelm.train import checkpoint as ckpt
+from choicelm.core import checkpoint as ckpt
 
 from test_interop import save_llama_tokenizer
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from choicelm.config import ModelConfig, MoEConfig
-from choicelm.errors import ChoicelmError
-from choicelm.finetune.lora import (LoraSettings, apply_lora, default_targets, has_lora, lora_parameter_count,
+from choicelm.core.config import ModelConfig, MoEConfig
+from choicelm.core.errors import ChoicelmError
+from choicelm.models.lora import (LoraSettings, apply_lora, default_targets, has_lora, lora_parameter_count,
                                     merge_lora)
 from choicelm.models import BERT, GPT, Seq2Seq, build_model
 

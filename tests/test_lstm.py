@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from choicelm.config import ModelConfig
+from choicelm.core.config import ModelConfig
 from choicelm.data.loader import StreamBatchSampler, TokenDataset
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.models import LSTMLM, build_model
 
 from conftest import TINY
@@ -71,7 +71,7 @@ def test_carried_state_equals_one_long_sequence_and_the_chunked_loss():
 
 def test_lstm_config_errors():
     with pytest.raises(ChoicelmError, match="experts"):
-        from choicelm.config import MoEConfig
+        from choicelm.core.config import MoEConfig
         build_model(ModelConfig(kind="lstm", vocab_size=40, n_embd=8), MoEConfig(experts=4))
     ModelConfig(kind="lstm", n_embd=10, n_head=3)  # attention settings do not apply
 
@@ -108,7 +108,7 @@ def test_lstm_run_resumes_bit_identically_after_a_kill(prepared, tmp_path):
 
 def test_lstm_checkpoint_loads_evaluates_and_generates(prepared, tmp_path):
     import choicelm
-    from choicelm.evaluation import perplexity
+    from choicelm.evaluation.perplexity import perplexity
 
     _, data = prepared
     run = tmp_path / "run"

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from choicelm.config import ConfigError, ModelConfig, MoEConfig, load_config
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import ConfigError, ModelConfig, MoEConfig, load_config
+from choicelm.core.errors import ChoicelmError
 from choicelm.models import build_model
 from choicelm.models.causality import measure_leak
 from choicelm.models.moe import MoE, summarize_stats
@@ -586,7 +586,7 @@ def test_pretrain_moe_through_the_loop(prepared, tmp_path, router):
         assert float(lm.model.moe_layers()[0].threshold.sum()) > 0  # the thresholds were saved
     text = lm.generate("To be", max_new_tokens=5, temperature=0)  # decodes with the causal rule
     assert isinstance(text, str)
-    from choicelm.evaluation import evaluate
+    from choicelm.evaluation.perplexity import evaluate
 
     result = evaluate(run, data, ["ppl"], max_batches=2)  # says which routing produced the number
     expected = "threshold" if router == "expert_choice_causal" else "dropless"

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.models.ngram import BOS, EOS, UNK, NGramLM, WordVocab
 
 LN10 = math.log(10)

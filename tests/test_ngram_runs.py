@@ -10,7 +10,7 @@ import pytest
 import choicelm
 from choicelm.cli import main
 from choicelm.data.loader import TokenDataset
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 
 from conftest import TINY
 

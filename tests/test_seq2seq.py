@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from choicelm.config import ConfigError, ModelConfig, MoEConfig, load_config
+from choicelm.core.config import ConfigError, ModelConfig, MoEConfig, load_config
 from choicelm.data.pairs import PairDataset
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.generation import GenerationConfig
 from choicelm.generation.seq2seq import generate_seq2seq
 from choicelm.interop.hf import state_dict_from_hf_marian

@@ -21,12 +21,12 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package brings
 
 import choicelm
-from choicelm.config import Config
-from choicelm.errors import ChoicelmError
+from choicelm.core.config import Config
+from choicelm.core.errors import ChoicelmError
 from choicelm.generation.chat import TURN_STOP, format_chat
 from choicelm.models import build_model
 from choicelm.tokenizer import Tokenizer
-from choicelm.train import checkpoint as ckpt
+from choicelm.core import checkpoint as ckpt
 
 from conftest import free_port
 

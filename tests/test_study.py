@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from choicelm.cli import main
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.study import run_routing_study
 from choicelm.study.arms import ARMS, recipe_of
 from choicelm.study.report import interpolate, mean_sd, paired_interval, t_quantile_975

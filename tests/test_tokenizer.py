@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from choicelm.errors import ChoicelmError
+from choicelm.core.errors import ChoicelmError
 from choicelm.tokenizer import (EOT, MIN_VOCAB, TextStats, Tokenizer, iter_text_files, list_text_files,
                                 split_text)
 

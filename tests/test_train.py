@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from choicelm.cli import main
-from choicelm.config import load_config
+from choicelm.core.config import load_config
 from choicelm.data.loader import LMBatchSampler, TokenDataset
 from choicelm.models import build_model
-from choicelm.train import checkpoint as ckpt
+from choicelm.core import checkpoint as ckpt
 from choicelm.train.loop import KILL_AFTER_STEP_ENV, NonFiniteLossError, pretrain
-from choicelm.train.metrics import COLUMNS, read_metrics
+from choicelm.core.run_dir import COLUMNS, read_metrics
 from choicelm.train.optim import lr_at
 
 from conftest import TINY, free_port
@@ -185,7 +185,7 @@ def test_ddp_resume_with_dropout_is_exact(prepared, tmp_path):
 
 
 def test_nonfinite_losses_skip_steps_then_stop(prepared, tmp_path, monkeypatch):
-    from choicelm.train import objectives
+    from choicelm import objectives
 
     _, data = prepared
     calls = {"n": 0}

@@ -7,7 +7,9 @@
 Importing choicelm stays light: transformers, fastapi and matplotlib load only where used.
 """
 
-__version__ = "0.1.0"
+from .core import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(path, device: str = "auto"):

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import yaml
 
-from .config import Config
-from .errors import ChoicelmError
+from .core import checkpoint as ckpt
+from .core.config import Config
+from .core.errors import ChoicelmError
+from .core.runtime import pick_device
+from .data.tasks import ClassificationDataset, classification_ids, decoder_start_id, source_ids
 from .generation import GenerationConfig, generate_text, stream_text
-from .generation.layout import prepare_for_decoding
-from .models import build_model
+from .generation.weight_layout import prepare_for_decoding
+from .models import build_model, padding_mask
 from .tokenizer import Tokenizer
-from .train import checkpoint as ckpt
-from .train.runtime import pick_device
 
 
 @dataclass
@@ -39,8 +39,6 @@ class LanguageModel:
     @torch.no_grad()
     def classify(self, text: str | list[str], *, batch_size: int = 32, return_probs: bool = False):
         """The label of `text` (or of each text of a list). return_probs: (label, {label: probability}) instead."""
-        from .finetune.evaluate import classify_texts
-
         if not self.is_classifier:
             raise ChoicelmError("this model has no classification head; fine-tune one with "
                                 "`choicelm finetune --task classify`")
@@ -77,7 +75,6 @@ class LanguageModel:
         if not all(isinstance(p, str) for p in prompts):
             raise ChoicelmError("generate() takes a prompt string or a list of prompt strings")
         if self.config.model.kind == "seq2seq":  # the prompt is the source (cut to the block size, then EOS)
-            from .finetune.data import decoder_start_id, source_ids
             from .generation.seq2seq import generate_seq2seq
 
             sources = [source_ids(self.tokenizer, p, self.config.model.block_size) for p in prompts]
@@ -100,17 +97,14 @@ class LanguageModel:
 
 def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> LanguageModel:
     """Load a run directory (its newest complete checkpoint) or one step-XXXXXXXX directory, in eval mode,
-    with its weights in the decode-friendly layout (generation/layout.py: same values, faster decoding).
+    with its weights in the decode-friendly layout (generation/weight_layout.py: same values, faster decoding).
     dtype: None keeps the stored precision; "bf16" halves the bytes read per token (faster decoding on CPUs
     with bf16 support, logits rounded to bf16); "fp32"."""
     dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise ChoicelmError(f"dtype={dtype!r} is not allowed; choose fp32 or bf16 (or leave it unset)")
     step_dir = ckpt.resolve_checkpoint(path)
-    config_file = step_dir / "config.yaml"
-    if not config_file.is_file():
-        raise ChoicelmError(f"{step_dir} has no config.yaml; it is not a choicelm checkpoint")
-    cfg = Config.from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+    cfg = ckpt.read_config(step_dir)
     if cfg.model.kind == "ngram":
         return _load_ngram(step_dir, cfg)
     model = build_from_checkpoint(step_dir, cfg)
@@ -133,8 +127,7 @@ def build_from_checkpoint(step_dir: Path, cfg: Config) -> torch.nn.Module:
     if not cfg.finetune.lora_r:
         ckpt.load_weights(model, step_dir)
         return model
-    from .finetune.lora import apply_lora, merge_lora
-    from .finetune.run import lora_settings
+    from .models.lora import apply_lora, lora_settings, merge_lora
 
     model = apply_lora(model, lora_settings(cfg))
     ckpt.load_weights(model, step_dir)
@@ -177,3 +170,22 @@ def _load_ngram(step_dir: Path, cfg: Config) -> CountedLanguageModel:
     lm = NGramLM.load(step_dir)
     tokenizer = lm.words if lm.kind == "words" else Tokenizer.load(step_dir / "tokenizer")
     return CountedLanguageModel(lm, tokenizer, cfg, step_dir)
+
+
+@torch.no_grad()
+def classify_texts(lm, texts: list[str], batch_size: int = 32) -> list[tuple[str, dict[str, float]]]:
+    """(label, {label: probability}) per text."""
+    if lm.labels is None:
+        raise ChoicelmError(f"{lm.checkpoint} has no labels.json naming its classes; it was not written by "
+                            "`choicelm finetune --task classify`")
+    kind, max_len = lm.config.model.kind, lm.config.model.block_size
+    data = ClassificationDataset([classification_ids(lm.tokenizer, t, kind, max_len) for t in texts],
+                                    [0] * len(texts), lm.tokenizer.pad_id_or_eos)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids_BT, mask_BT, _ = data.collate(list(range(i, min(i + batch_size, len(texts)))))
+        logits_BL = lm.model(ids_BT.to(lm.device), **padding_mask(lm.model, mask_BT.to(lm.device))).logits
+        for probs in logits_BL.float().softmax(-1).tolist():
+            best = max(range(len(probs)), key=probs.__getitem__)
+            out.append((lm.labels[best], dict(zip(lm.labels, probs))))
+    return out

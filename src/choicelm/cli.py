@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from .errors import ChoicelmError
+from .core.errors import ChoicelmError
 
 
 def _comma_list(value: str) -> list[str]:
@@ -50,7 +50,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_pretrain(args, overrides: list[str]) -> None:
-    from .config import load_config
+    from .core.config import load_config
     from .train.loop import pretrain
 
     extra = list(overrides)
@@ -62,7 +62,7 @@ def cmd_pretrain(args, overrides: list[str]) -> None:
 
 
 def cmd_finetune(args, overrides: list[str]) -> None:
-    from .config import load_config
+    from .core.config import load_config
     from .finetune.run import finetune
 
     extra = [f"--finetune.task={args.task}"] + list(overrides)
@@ -74,7 +74,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
     print(f"done: {final}")
     report = final.parent / "eval.json"
     if report.is_file():
-        from .finetune.evaluate import summary
+        from .evaluation.tasks import summary
 
         print(f"validation: {summary(json.loads(report.read_text()))} (all figures: {report})")
 
@@ -86,7 +86,7 @@ def cmd_evaluate(args) -> None:
     several = len(args.checkpoint) > 1
     if Path(args.data).is_file():  # a task file: fine-tuning metrics
         from . import load
-        from .finetune.evaluate import evaluate_file
+        from .evaluation.tasks import evaluate_file
 
         if several:
             raise ChoicelmError("a task file is scored one --checkpoint at a time; several checkpoints are "
@@ -95,7 +95,7 @@ def cmd_evaluate(args) -> None:
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         print(json.dumps(result, indent=1))
         return
-    from .evaluation import compare, evaluate, format_table
+    from .evaluation.perplexity import compare, evaluate, format_table
 
     options = dict(split=args.split, batch_size=args.batch_size, max_batches=args.max_batches, device=args.device,
                    routing=args.routing, stride=args.stride)
@@ -231,7 +231,7 @@ def _study_arms() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import config_help
+    from .core.config import config_help
 
     parser = argparse.ArgumentParser(prog="choicelm", description="From raw text to a trained language model.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ChoicelmError
-from .train.metrics import read_metrics
+from .core.errors import ChoicelmError
+from .core.run_dir import read_metrics
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -63,7 +63,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     pngs = [loss_png, perf_png]
     if any(r.get("moe_load_max") is not None for r in rows):
         pngs.append(_plot_expert_load(plt, series, run_dir.name, out_dir / "moe.png"))
-        from .train.checkpoint import list_checkpoints
+        from .core.checkpoint import list_checkpoints
 
         if list_checkpoints(run_dir):
             pngs.append(plot_routing_map(run_dir, out_dir / "routing_map.png"))

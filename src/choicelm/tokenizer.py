@@ -49,7 +49,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import ChoicelmError
+from .core.errors import ChoicelmError
 
 log = logging.getLogger(__name__)
 

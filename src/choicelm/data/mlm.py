@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 IGNORE_INDEX = -100
 

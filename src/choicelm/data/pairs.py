@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 IGNORE_INDEX = -100
 

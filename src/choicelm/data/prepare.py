@@ -29,8 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import __version__
-from ..errors import ChoicelmError
+from ..core import __version__
+from ..core.errors import ChoicelmError
 from ..tokenizer import EOT, TextStats, Tokenizer, iter_text_files, list_text_files
 
 log = logging.getLogger(__name__)

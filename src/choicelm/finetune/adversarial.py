@@ -62,7 +62,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from ..models import BERT, GPT, LSTMLM, Seq2Seq
 from ..models.moe import thresholds_frozen
 

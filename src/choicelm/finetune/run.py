@@ -12,9 +12,9 @@ model from the config's model section and a tokenizer folder. Then, per task:
     sft        a gpt model; conversations under a chat template, loss on the assistant replies only; the template
                is saved in the checkpoint's tokenizer folder, where `choicelm chat` and `serve` read it
 
-Optionally LoRA (finetune/lora.py: only adapters and a new head train; checkpoints hold the adapters, and
+Optionally LoRA (models/lora.py: only adapters and a new head train; checkpoints hold the adapters, and
 `choicelm.load` merges them into the base weights) and adversarial training (finetune/adversarial.py).
-At the end the task metrics on the validation file go to RUN/eval.json (finetune/evaluate.py).
+At the end the task metrics on the validation file go to RUN/eval.json (evaluation/tasks.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ import math
 import os
 from pathlib import Path
 
-import yaml
 
-from ..config import Config
-from ..errors import ChoicelmError
+from ..core import checkpoint as ckpt
+from ..core.config import Config
+from ..core.errors import ChoicelmError
+from ..data import tasks as fd
+from ..objectives import OBJECTIVES
 from ..tokenizer import Tokenizer
-from ..train import checkpoint as ckpt
 from ..train.loop import RunInputs, Trainer, resolve_vocab_size
-from ..train.objectives import OBJECTIVES
-from . import data as fd
 
 FITS = {"classify": ("bert", "gpt"), "seq2seq": ("seq2seq",), "sft": ("gpt",)}
 WHAT_FITS = {"classify": "a bert encoder or a gpt decoder (last-token pooling)",
@@ -44,7 +43,7 @@ WHAT_FITS = {"classify": "a bert encoder or a gpt decoder (last-token pooling)",
 def finetune(cfg: Config, out_dir: str | Path, resume: str | None = None, overwrite: bool = False) -> Path:
     """Fine-tune for cfg.finetune.task; returns the final checkpoint. The validation metrics land in RUN/eval.json."""
     from ..train.distributed import init_distributed, shutdown
-    from ..train.runtime import keep_freed_memory, pick_device
+    from ..core.runtime import keep_freed_memory, pick_device
 
     inputs = finetuning_inputs(cfg)
     if cfg.train.tune_allocator:
@@ -55,7 +54,7 @@ def finetune(cfg: Config, out_dir: str | Path, resume: str | None = None, overwr
         final = Trainer(cfg, Path(out_dir), dist_info, device, resume, overwrite, inputs).run()
         if dist_info.is_main and cfg.finetune.val_file:
             from .. import load
-            from .evaluate import evaluate_file
+            from ..evaluation.tasks import evaluate_file
 
             result = evaluate_file(load(final, device=str(device)), cfg.finetune.val_file)
             (Path(out_dir) / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -69,11 +68,8 @@ def base_checkpoint(cfg: Config) -> tuple[Path | None, Config | None]:
     if not cfg.finetune.init:
         return None, None
     step_dir = ckpt.resolve_checkpoint(cfg.finetune.init)
-    config_file = step_dir / "config.yaml"
-    if not config_file.is_file():
-        raise ChoicelmError(f"{step_dir} has no config.yaml; --from needs a choicelm checkpoint (convert a Hugging "
-                            f"Face folder first: choicelm convert from-hf HF_DIR OUT)")
-    base = Config.from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+    base = ckpt.read_config(step_dir, hint="--from needs a choicelm checkpoint (convert a Hugging Face folder "
+                                           "first: choicelm convert from-hf HF_DIR OUT)")
     cfg.model, cfg.moe = dataclasses.replace(base.model), dataclasses.replace(base.moe)  # copies: a head changes cfg's
     return step_dir, base
 
@@ -181,22 +177,10 @@ def build_finetune_model(cfg: Config, step_dir: Path | None, base: Config | None
         if head is not None:
             model.add_classifier(head)
     if cfg.finetune.lora_r:
-        from .lora import apply_lora
+        from ..models.lora import apply_lora, lora_settings
 
         model = apply_lora(model, lora_settings(cfg))
     return model
-
-
-def lora_settings(cfg: Config):
-    """The run's LoRA settings: the config's, plus a classifier's head, which trains in full."""
-    from .lora import LoraSettings
-
-    f = cfg.finetune
-    heads = ()
-    if cfg.model.n_labels:
-        heads = ("classifier", "pooler") if cfg.model.kind == "bert" else ("classifier",)
-    targets = tuple(t.strip() for t in f.lora_targets.split(",") if t.strip())
-    return LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout, targets=targets, train_modules=heads)
 
 
 def base_labels(step_dir: Path) -> list[str] | None:

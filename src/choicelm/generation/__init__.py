@@ -8,7 +8,7 @@
     stopping.py    stop strings that span token boundaries
     streaming.py   token ids -> text deltas that never split a UTF-8 character
     generate.py    the batched decoding loop on a static KV cache (left padding, per-row stopping)
-    layout.py      decode-friendly weight layout ([in, out] fp32, prepacked oneDNN bf16); same values
+    weight_layout.py  decode-friendly weight layout ([in, out] fp32, prepacked oneDNN bf16); same values
     fused_step.py  one decode step of a dense GPT as fused oneDNN kernels (prepared models on CPU)
     chat.py        the chat template and a session with history (the `chat` verb)
 """

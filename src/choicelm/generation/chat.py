@@ -24,7 +24,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Iterator
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 TURN_STOP = "\nUser:"
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..models.gpt import GPT, Block
 from ..models.layers import MLP, SelfAttention, SwiGLU, apply_rope
-from .layout import PackedLinear
+from .weight_layout import PackedLinear
 
 _linear = torch.ops.mkldnn._linear_pointwise
 _linear_binary = torch.ops.mkldnn._linear_pointwise.binary

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from .beam import beam_search, decoder_only_step
 from .fused_step import decode_step
 from .options import GenerationConfig

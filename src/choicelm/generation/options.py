@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from .processors import build_processors
 from .stopping import StopStrings
 

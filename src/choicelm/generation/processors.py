@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 NEG_INF = float("-inf")
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from .beam import beam_search, reorder_cache
 from .generate import Completion
 from .options import GenerationConfig

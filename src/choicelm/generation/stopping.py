@@ -9,7 +9,7 @@ OpenAI API and Hugging Face's `stop_strings` + post-processing do).
 
 from __future__ import annotations
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 
 class StopStrings:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ChoicelmError
+from ..core import checkpoint as ckpt
+from ..core.errors import ChoicelmError
 from ..models.ngram import NGramLM
-from ..train import checkpoint as ckpt
 
 
 def to_arpa(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -106,16 +106,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from ..config import Config, ModelConfig, MoEConfig
-from ..errors import ChoicelmError
+from ..core import checkpoint as ckpt
+from ..core.config import Config, ModelConfig, MoEConfig
+from ..core.errors import ChoicelmError
 from ..models import build_model
 from ..models.bert import BERT as BertEncoder, config_from_hf_bert, load_hf_bert_state, state_dict_from_hf_bert
 from ..models.seq2seq import sinusoidal_table
 from ..tokenizer import EOT, Tokenizer, read_special_tokens
-from ..train import checkpoint as ckpt
 from .tiktoken_bpe import byte_level_tokenizer, read_vocab_merges
 
 log = logging.getLogger(__name__)
@@ -742,14 +741,14 @@ def _tokenizer_for(hf_dir: Path, tokenizer_dir, arch: str) -> Tokenizer:
 
 def _check_tokenizer(tok: Tokenizer, config: ModelConfig, hf_config: dict) -> None:
     """The tokenizer's ids fit the embeddings; for an encoder-decoder, it ends and starts decoding with the ids
-    config.json names (choicelm takes both from the tokenizer: see finetune.data.decoder_start_id)."""
+    config.json names (choicelm takes both from the tokenizer: see data.tasks.decoder_start_id)."""
     for what, rows in (("", config.vocab_size), (" source", config.src_vocab_size)):
         if rows and tok.vocab_size > rows:
             raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model only {rows}{what} "
                                   f"embeddings; pass the model's own tokenizer with --tokenizer")
     if config.kind != "seq2seq":
         return
-    from ..finetune.data import decoder_start_id
+    from ..data.tasks import decoder_start_id
 
     eos, start = hf_config.get("eos_token_id"), hf_config.get("decoder_start_token_id")
     if isinstance(eos, int) and tok.eos_id != eos:
@@ -865,7 +864,7 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool
     AutoModelForCausalLM.from_pretrained(out) and AutoTokenizer.from_pretrained(out) load as they are."""
     step_dir = ckpt.resolve_checkpoint(checkpoint)
     out = _check_out(out, overwrite, sources=[Path(checkpoint), step_dir])
-    run_config = _read_config(step_dir)
+    run_config = ckpt.read_config(step_dir, error=ConversionError)
     config, moe = run_config.model, run_config.moe
     arch = hf_architecture_for(config, moe)  # refuse before reading any weights
     weights = step_dir / "model.safetensors"
@@ -930,13 +929,6 @@ def _read_json(file: Path, hint: str) -> dict:
         return json.loads(file.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ConversionError(f"{file} is not valid JSON: {e}") from None
-
-
-def _read_config(step_dir: Path) -> Config:
-    file = step_dir / "config.yaml"
-    if not file.is_file():
-        raise ConversionError(f"{step_dir} has no config.yaml; it is not a choicelm checkpoint")
-    return Config.from_dict(yaml.safe_load(file.read_text()), str(file))
 
 
 def _check_out(out, overwrite: bool, sources: list[Path]) -> Path:

@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 ENDOFTEXT = "<|endoftext|>"
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, MoEConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig, MoEConfig
+from ..core.errors import ChoicelmError
 from .bert import BERT
 from .gpt import GPT
 from .layers import KVCache, ModelOutput
 from .lstm import LSTMLM
 from .seq2seq import Seq2Seq
 
-__all__ = ["BERT", "GPT", "LSTMLM", "Seq2Seq", "KVCache", "ModelOutput", "build_model"]
+__all__ = ["BERT", "GPT", "LSTMLM", "Seq2Seq", "KVCache", "ModelOutput", "build_model", "padding_mask"]
 
 
 def build_model(config: ModelConfig, moe: MoEConfig | None = None) -> nn.Module:
@@ -31,3 +32,10 @@ def build_model(config: ModelConfig, moe: MoEConfig | None = None) -> nn.Module:
     if config.kind == "bert":
         return BERT(config, moe)
     raise ChoicelmError(f"model.kind={config.kind!r} is not a known model family; choose gpt, bert, lstm or seq2seq")
+
+
+def padding_mask(model: torch.nn.Module, mask_BT: torch.Tensor) -> dict:
+    """The padding mask as the model's forward names it: an encoder's attention_mask_BT, a decoder's
+    attention_mask_BS (its keys may run past the new tokens when it decodes)."""
+    config = getattr(model, "module", model).config  # through DDP's wrapper
+    return {"attention_mask_BT" if config.kind == "bert" else "attention_mask_BS": mask_BT}

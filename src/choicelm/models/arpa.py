@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
+
+MAX_ORDER = 6  # the highest n-gram order choicelm counts, reads and writes
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"  # ARPA's special words, which NGramLM uses as its own
 
 LN10 = math.log(10.0)
 MINUS_INF_LOG10 = -99.0
@@ -104,8 +107,6 @@ class _Lines:
 
 def read_arpa(cls, path: str | os.PathLike, kind: str | None = None):
     """An NGramLM (smoothing "arpa", backoff form) with the probabilities of the ARPA file at `path`."""
-    from .ngram import BOS, EOS, MAX_ORDER, UNK
-
     path = Path(path)
     if not path.is_file():
         raise ChoicelmError(f"no ARPA file at {path}; write one with `choicelm convert to-arpa MODEL OUT.arpa`")

@@ -58,8 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, MoEConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig, MoEConfig
+from ..core.errors import ChoicelmError
 from .layers import IGNORE_INDEX, MLP, ModelOutput, SelfAttention, cross_entropy, make_norm
 from .moe import MoE, RoutedModel
 
@@ -310,7 +310,7 @@ class BERT(RoutedModel, nn.Module):
         if self.nsp_head is not None and self.training and targets_BT is not None and nsp_labels_B is None:
             raise ChoicelmError("model.nsp=true trains next-sentence prediction, but the batch has no next-sentence "
                                 "labels; the pretraining objective must build sentence pairs (MaskedLM(..., nsp=True) "
-                                "in train/objectives.py), or set model.nsp=false")
+                                "in objectives.py), or set model.nsp=false")
 
     def _mlm(self, x_BTD: torch.Tensor, targets_BT: torch.Tensor | None, reduction: str, return_logits: bool):
         """(MLM logits [B, T, V] or None, MLM loss or None)."""

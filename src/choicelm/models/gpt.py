@@ -39,8 +39,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, MoEConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig, MoEConfig
+from ..core.errors import ChoicelmError
 from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, kv_cache_dtype, linear_cross_entropy,
                      make_mlp, make_norm, rope_cos_sin)
 from .moe import CAUSAL_RULES, MoE, RoutedModel

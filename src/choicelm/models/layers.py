@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig
+from ..core.errors import ChoicelmError
 
 IGNORE_INDEX = -100
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig
+from ..core.errors import ChoicelmError
 from .layers import ModelOutput, cross_entropy, linear_cross_entropy
 
 

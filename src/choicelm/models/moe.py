@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, MoEConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig, MoEConfig
+from ..core.errors import ChoicelmError
 from .layers import activation
 
 RULES = ("topk", "threshold", "predictor", "capacity", "dropless")

@@ -57,13 +57,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
+from .arpa import BOS, EOS, MAX_ORDER, UNK, read_arpa, write_arpa
 
 log = logging.getLogger(__name__)
 
-MAX_ORDER = 6
 SMOOTHINGS = ("kneser_ney", "mle", "add_k")
-UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 KENLM_FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback values
 NPZ, META = "ngram.npz", "ngram.json"
 FORMAT_VERSION = 1
@@ -468,7 +467,6 @@ class NGramLM:
 
     def to_arpa(self, path: str | os.PathLike) -> Path:
         """Write a standard ARPA file (log10 probabilities and backoff weights) that KenLM loads."""
-        from .arpa import write_arpa
         if self.smoothing == "add_k":
             raise ChoicelmError("an add-k model has no ARPA form (it does not back off); "
                                 "build it with smoothing kneser_ney or mle to write ARPA")
@@ -478,7 +476,6 @@ class NGramLM:
     def from_arpa(cls, path: str | os.PathLike, kind: str | None = None) -> "NGramLM":
         """Read an ARPA file. kind "ids" when its words are a tokenizer's ids 0..V-1 (as written by a
         token-id model), "words" otherwise; None guesses from the words."""
-        from .arpa import read_arpa
         return read_arpa(cls, path, kind)
 
 
@@ -708,3 +705,15 @@ def _prune_singletons(lm: NGramLM, suffix) -> None:
         lm.counts[n - 1] = lm.counts[n - 1][m]
         if n < lm.order:
             lm.bow[n - 1] = lm.bow[n - 1][m]
+
+
+def score_stream(lm: "NGramLM", ids: np.ndarray, eot_id: int) -> tuple[float, int]:
+    """(total natural-log probability, predictions) of a token stream as documents cut at <|endoftext|>:
+    each document's tokens, then </s> for the <|endoftext|> that ends it. After the last one comes either
+    nothing or a document the stream cuts off, whose tokens are scored but not an end it does not have;
+    so the predictions are exactly the stream's tokens, as for a neural model (evaluation/perplexity.py)."""
+    cuts = np.flatnonzero(ids == eot_id)
+    docs = [ids[a:b] for a, b in zip(np.r_[0, cuts + 1], np.r_[cuts, len(ids)])]
+    total, count = lm.score(docs[:-1])
+    rest_total, rest_count = lm.score(docs[-1:], eos=False)
+    return total + rest_total, count + rest_count

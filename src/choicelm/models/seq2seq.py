@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..errors import ChoicelmError
+from ..core.config import ModelConfig
+from ..core.errors import ChoicelmError
 from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, kv_cache_dtype, make_mlp, make_norm,
                      rope_cos_sin)
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from ..generation.chat import TURN_STOP, chat_prompt
 from .scheduler import QueueFull, Request, Scheduler
 

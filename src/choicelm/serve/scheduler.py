@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from ..generation.fused_step import decode_step
 from ..generation.options import GenerationConfig
 from ..generation.processors import apply_processors

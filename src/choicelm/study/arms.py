@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 
 @dataclass(frozen=True)

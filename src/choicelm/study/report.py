@@ -8,16 +8,68 @@ Cornish-Fisher expansion beyond, no scipy).
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from ..train.metrics import read_metrics
+from ..core.config import Config
+from ..core.run_dir import read_metrics
 from .arms import ARMS, recipe_of
-from .routing import _write_csv, curve_column, read_curve
+
+CURVES_FILE = "study_curves.csv"  # validation losses of the rules a run's metrics.csv does not log
+
+
+def default_eval_rule(cfg: Config) -> str | None:
+    """The rule the loop's val_loss uses (the model's causal default in eval mode)."""
+    moe = cfg.moe
+    if not moe.enabled:
+        return None
+    if moe.router == "token_choice":
+        return "dropless"
+    return moe.causal_mode if moe.router == "expert_choice_causal" else "threshold"
+
+
+def curve_column(cfg: Config, rule: str | None) -> str:
+    """Where a run logs the validation loss of `rule`: metrics.csv's val_loss or moe_val_loss_topk, or
+    study_curves.csv's val_loss_<rule>."""
+    if rule is None or rule == default_eval_rule(cfg):
+        return "val_loss"
+    if rule == "topk" and cfg.moe.router != "token_choice":
+        return "moe_val_loss_topk"
+    return f"val_loss_{rule}"
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_curve(run_dir: Path, column: str) -> list[dict]:
+    """[{step, tokens, elapsed_s, loss}] of one validation column of a run (metrics.csv or study_curves.csv)."""
+    source = run_dir / ("metrics.csv" if column in ("val_loss", "moe_val_loss_topk") else CURVES_FILE)
+    if not source.exists():
+        return []
+    points = {}
+    for r in _read_csv(source):
+        if r.get(column) not in (None, ""):
+            points[int(float(r["step"]))] = {"step": int(float(r["step"])), "tokens": float(r["tokens"]),
+                                             "elapsed_s": float(r["elapsed_s"]), "loss": float(r[column])}
+    return [points[s] for s in sorted(points)]
+
 
 # Two-sided 95% quantiles of Student's t, t_{0.975, dof}, dof = 1..30.
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,

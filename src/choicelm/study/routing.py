@@ -45,15 +45,16 @@ from typing import Callable
 import torch
 import yaml
 
-from ..config import Config, ConfigError, load_config, merge, parse_overrides
+from ..core import checkpoint as ckpt
+from ..core.config import Config, ConfigError, load_config, merge, parse_overrides
+from ..core.errors import ChoicelmError
+from ..core.run_dir import read_metrics
+from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import TokenDataset, eval_batches
-from ..errors import ChoicelmError
 from ..models.moe import CAUSAL_RULES, summarize_stats, thresholds_frozen
-from ..train import checkpoint as ckpt
 from ..train.loop import Trainer, pretrain, pretraining_inputs
-from ..train.metrics import read_metrics
-from ..train.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from .arms import ARMS, parse_arms, recipe_of
+from .report import CURVES_FILE, _read_csv, _write_csv, collect_rows, curve_column, write_outputs
 
 
 # The study owns these: the budget flags and --seeds set them for every run.
@@ -62,7 +63,6 @@ PROBE_STEPS = 10
 EVAL_POINTS = 20  # validation points per run (train.eval_every = max_steps / this)
 LEAK_TRIALS = 2
 LEAK_ROWS = 4
-CURVES_FILE = "study_curves.csv"
 EVAL_FILE = "study_eval.json"
 
 
@@ -192,26 +192,6 @@ def run_complete(run_dir: Path, max_steps: int) -> bool:
         ckpt.read_info(run_dir / ckpt.step_dir_name(step)) is not None
 
 
-def default_eval_rule(cfg: Config) -> str | None:
-    """The rule the loop's val_loss uses (the model's causal default in eval mode)."""
-    moe = cfg.moe
-    if not moe.enabled:
-        return None
-    if moe.router == "token_choice":
-        return "dropless"
-    return moe.causal_mode if moe.router == "expert_choice_causal" else "threshold"
-
-
-def curve_column(cfg: Config, rule: str | None) -> str:
-    """Where a run logs the validation loss of `rule`: metrics.csv's val_loss or moe_val_loss_topk, or
-    study_curves.csv's val_loss_<rule>."""
-    if rule is None or rule == default_eval_rule(cfg):
-        return "val_loss"
-    if rule == "topk" and cfg.moe.router != "token_choice":
-        return "moe_val_loss_topk"
-    return f"val_loss_{rule}"
-
-
 def probe_throughput(cfg: Config, probe_dir: Path, steps: int = PROBE_STEPS) -> dict:
     """Dense tokens/s over a few training steps (median of the per-step rates after the first two)."""
     cfg = copy.deepcopy(cfg)
@@ -317,37 +297,10 @@ def _leak(found: dict) -> dict:
 # ----------------------------------------------------------------------------- the study
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-
-
-def read_curve(run_dir: Path, column: str) -> list[dict]:
-    """[{step, tokens, elapsed_s, loss}] of one validation column of a run (metrics.csv or study_curves.csv)."""
-    source = run_dir / ("metrics.csv" if column in ("val_loss", "moe_val_loss_topk") else CURVES_FILE)
-    if not source.exists():
-        return []
-    points = {}
-    for r in _read_csv(source):
-        if r.get(column) not in (None, ""):
-            points[int(float(r["step"]))] = {"step": int(float(r["step"])), "tokens": float(r["tokens"]),
-                                             "elapsed_s": float(r["elapsed_s"]), "loss": float(r[column])}
-    return [points[s] for s in sorted(points)]
 
 
 def equivalent_command(config_name: str, data_dir, out_dir, arms, seeds, max_time, max_tokens, overrides) -> str:
@@ -476,8 +429,6 @@ def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: flo
         finals = ", ".join(f"{k} {v:.4f}" for k, v in info["final"].items())
         done = "done" if trained else "finished earlier, skipped"
         log(f"{tag}: {done}, {summary['elapsed_s']:.1f} s of training, val loss {finals}")
-
-    from .report import collect_rows, write_outputs
 
     def cfg_for(recipe, seed):
         return arm_config(base, user, data_dir, recipe, seed=seed, max_steps=max_steps, defaults=defaults)

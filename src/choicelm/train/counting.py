@@ -13,93 +13,29 @@ Two vocabularies (config `ngram.tokenizer`):
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from ..config import Config
-from ..data.loader import TokenDataset
-from ..errors import ChoicelmError
+from ..core import checkpoint as ckpt
+from ..core.config import Config
+from ..core.errors import ChoicelmError
+from ..core.run_dir import prepare_run_dir
+from ..data.loader import TokenDataset, split_documents, text_lines
 from ..models.ngram import NGramLM
+from ..objectives import score_split
 from ..tokenizer import Tokenizer
-from . import checkpoint as ckpt
-from .metrics import MetricsLog
-
-
-def split_documents(data: TokenDataset, eot_id: int) -> list[np.ndarray]:
-    """The split's token stream cut at <|endoftext|> (dropped: the model's </s> stands for it)."""
-    docs = []
-    for shard in data.shards:
-        ids = np.asarray(shard, dtype=np.int64)
-        cuts = np.flatnonzero(ids == eot_id)
-        start = 0
-        for cut in cuts:
-            docs.append(ids[start:cut])
-            start = cut + 1
-        if start < len(ids):
-            docs.append(ids[start:])
-    return docs
-
-
-def text_lines(data: TokenDataset) -> list[str]:
-    """The non-blank lines of the split's source text files (word models)."""
-    lines = []
-    for name in data.manifest["splits"][data.split]["files"]:
-        path = Path(name)
-        if not path.is_file():
-            raise ChoicelmError(f"a word n-gram reads the source text, but {path} (listed in {data.dir}/manifest.json) "
-                                "is gone; restore it or use ngram.tokenizer=data")
-        lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return lines
-
-
-def score_stream(lm: NGramLM, ids: np.ndarray, eot_id: int) -> tuple[float, int]:
-    """(total natural-log probability, predictions) of a token stream as documents cut at <|endoftext|>:
-    each document's tokens, then </s> for the <|endoftext|> that ends it. After the last one comes either
-    nothing or a document the stream cuts off, whose tokens are scored but not an end it does not have;
-    so the predictions are exactly the stream's tokens, as for a neural model (evaluation.py)."""
-    cuts = np.flatnonzero(ids == eot_id)
-    docs = [ids[a:b] for a, b in zip(np.r_[0, cuts + 1], np.r_[cuts, len(ids)])]
-    total, count = lm.score(docs[:-1])
-    rest_total, rest_count = lm.score(docs[-1:], eos=False)
-    return total + rest_total, count + rest_count
-
-
-def score_split(lm: NGramLM, data: TokenDataset, eot_id: int) -> dict:
-    """Per-prediction loss (nats; </s> counted, as KenLM does), perplexity and bits per byte of a split.
-
-    A token model predicts exactly the split's tokens (an <|endoftext|> as </s>), as a neural model's
-    `choicelm evaluate` does; a word model predicts the split's words and one </s> per line."""
-    if lm.kind == "words":
-        logp_total, count = lm.score([lm.words.encode(line) for line in text_lines(data)])
-        method = f"lines of words ({lm.order}-gram, {lm.smoothing})"
-    else:
-        ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards])  # a document may span shards
-        logp_total, count = score_stream(lm, ids, eot_id)
-        method = f"documents ({lm.order}-gram, {lm.smoothing})"
-    nats = -logp_total
-    if count == 0:
-        raise ChoicelmError(f"split '{data.split}' of {data.dir} has nothing to score")
-    loss = nats / count
-    n_bytes = data.manifest["splits"][data.split].get("bytes")
-    result = {"split": data.split, "tokens": count, "loss": loss, "ppl": math.exp(loss), "method": method}
-    if n_bytes:
-        result["bits_per_byte"] = nats / math.log(2) / n_bytes
-    return result
+from .run_log import MetricsLog
 
 
 def count_ngram(cfg: Config, out_dir: Path, resume: str | None, overwrite: bool) -> Path:
     """Count cfg.data.path's training split into an n-gram model and write the run to out_dir."""
-    from .loop import prepare_run_dir  # the same rules for an existing --out as gradient training
-
     if not cfg.data.path:
         raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
     data_dir = Path(cfg.data.path)
     train = TokenDataset(data_dir, "train")
-    resume_from = prepare_run_dir(out_dir, resume, overwrite, True)
+    resume_from = prepare_run_dir(out_dir, resume, overwrite, True)  # the same rules as gradient training
     if resume_from is not None:  # counting is one step: a complete checkpoint is the whole run
         return resume_from
     manifest = train.manifest

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,16 +25,17 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..config import Config
+from ..core import checkpoint as ckpt
+from ..core.config import Config
+from ..core.errors import ChoicelmError
+from ..core.run_dir import prepare_run_dir
+from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import LMBatchSampler, StreamBatchSampler, TokenDataset, eval_batches
-from ..errors import ChoicelmError
 from ..models import build_model
-from . import checkpoint as ckpt
+from ..objectives import OBJECTIVES, MaskedLM, TruncatedBPTT, summed_loss
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
-from .metrics import MetricsLog, measure_peak_flops, peak_memory_mb
-from .objectives import OBJECTIVES, MaskedLM, TruncatedBPTT, summed_loss
 from .optim import build_optimizer, lr_at, set_lr
-from .runtime import autocast, compile_for_training, keep_freed_memory, pick_device, use_bf16
+from .run_log import MetricsLog, measure_peak_flops, peak_memory_mb
 
 # Testing hook: SIGKILL this process right after the given step (and its checkpoint) completes,
 # so tests can prove that a real, uncatchable kill followed by --resume loses nothing.
@@ -74,31 +74,6 @@ def resolve_vocab_size(cfg: Config, manifest_vocab: int) -> None:
                             f"{manifest_vocab} tokens; set --model.vocab_size={manifest_vocab} or 0 (automatic)")
 
 
-def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
-    """Decide between a fresh run and a resume; refuse to clobber anything. Returns the checkpoint to
-    resume from, or None for a fresh start."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ChoicelmError(f"--out {out_dir} is a file; choose a directory for the run")
-    if resume not in (None, "auto"):
-        return ckpt.resolve_checkpoint(resume)
-    is_run = (out_dir / "config.yaml").exists() or (out_dir / "metrics.csv").exists()
-    nonempty = out_dir.is_dir() and any(out_dir.iterdir())
-    if resume == "auto" and is_run:
-        found = ckpt.list_checkpoints(out_dir)
-        if found:
-            return found[-1].path
-    if nonempty and not is_run:
-        raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
-    if is_run and resume != "auto" and not overwrite:
-        done = ckpt.list_checkpoints(out_dir)
-        where = f" (checkpoint at step {done[-1].step})" if done else ""
-        raise ChoicelmError(f"--out {out_dir} already holds a run{where}; pass --resume auto to continue it, "
-                            "--overwrite to replace it, or choose another --out")
-    if is_run and is_main:  # --overwrite, or --resume auto on a run that never saved a checkpoint
-        shutil.rmtree(out_dir)
-    return None
-
-
 @dataclass
 class RunInputs:
     """What a run trains on, so pretraining and every fine-tuning task share the Trainer below.
@@ -106,7 +81,7 @@ class RunInputs:
     train, val:        datasets with n_windows(block_size) and batch(indices, block_size) -> tuple of tensors whose
                        last element is the targets (-100 = ignored): token windows (TokenDataset) or examples
     build_model:       called once, after seeding with train.seed: the model to train (fresh, or pretrained + head)
-    objective_for:     sampler -> objective (train/objectives.py): batch -> (summed loss, valid count, output)
+    objective_for:     sampler -> objective (objectives.py): batch -> (summed loss, valid count, output)
     tokenizer_dir:     copied into every checkpoint; tokenizer_sha256 guards a resume against other data
     extra_files:       name -> text, written into every checkpoint (e.g. the label names of a classifier)
     """
@@ -184,7 +159,7 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------
     def _check_resume_config(self, path: Path) -> None:
-        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        saved = ckpt.read_raw_config(path)
         # Keys a checkpoint predates (sections or fields added since) had their default values then.
         defaults = Config().to_dict()
         saved_model = {**defaults["model"], **saved.get("model", {}),
@@ -403,3 +378,23 @@ def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile each transformer block in place (torchtitan's per-block compile) and return the model.
+
+    Inductor then fuses each block's norms, activations and residual adds, while the embedding lookup and the
+    chunked cross-entropy (a custom autograd function, which breaks a whole-model graph) stay eager, and so does
+    an MoE layer inside a block (models/moe.py: its routing has data-dependent shapes). Measured on this
+    project's CPU (6 x 384 GPT, bf16, interleaved): 1.0-1.06x eager, where compiling the whole model was 0.7x.
+    The blocks are the ModuleLists named `h` (GPT-2's name: GPT, BERT, both halves of a Seq2Seq); a model
+    without them (an LSTM) is compiled whole.
+    """
+    block_lists = [m for name, m in model.named_modules()
+                   if name.split(".")[-1] == "h" and isinstance(m, torch.nn.ModuleList)]
+    if not block_lists:
+        return torch.compile(model)
+    for blocks in block_lists:
+        for block in blocks:
+            block.compile()
+    return model

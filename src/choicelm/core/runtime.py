@@ -1,4 +1,4 @@
-"""Device, precision and allocator choices shared by training, evaluation and generation."""
+"""Device, precision and allocator choices shared by training, evaluation, generation and serving."""
 
 from __future__ import annotations
 
@@ -68,23 +68,3 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, 2**31 - 1)
     except (OSError, AttributeError):
         pass  # not glibc (musl has no mallopt): nothing to tune
-
-
-def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile each transformer block in place (torchtitan's per-block compile) and return the model.
-
-    Inductor then fuses each block's norms, activations and residual adds, while the embedding lookup and the
-    chunked cross-entropy (a custom autograd function, which breaks a whole-model graph) stay eager, and so does
-    an MoE layer inside a block (models/moe.py: its routing has data-dependent shapes). Measured on this
-    project's CPU (6 x 384 GPT, bf16, interleaved): 1.0-1.06x eager, where compiling the whole model was 0.7x.
-    The blocks are the ModuleLists named `h` (GPT-2's name: GPT, BERT, both halves of a Seq2Seq); a model
-    without them (an LSTM) is compiled whole.
-    """
-    block_lists = [m for name, m in model.named_modules()
-                   if name.split(".")[-1] == "h" and isinstance(m, torch.nn.ModuleList)]
-    if not block_lists:
-        return torch.compile(model)
-    for blocks in block_lists:
-        for block in blocks:
-            block.compile()
-    return model

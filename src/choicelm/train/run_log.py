@@ -1,4 +1,5 @@
-"""Metrics a user can trust: a CSV and TensorBoard events in the run directory, and a measured peak.
+"""The run log: RUN/metrics.csv and TensorBoard events written as a run trains, and the measured peak
+FLOP/s and memory its rows report (the columns and the reader are in core/run_dir.py).
 
 Columns of RUN/metrics.csv (empty where a row has no value, e.g. val_loss off evaluation steps):
     step, tokens, train_loss, val_loss, val_ppl, lr, grad_norm, tokens_per_s, flops_per_s, mfu,
@@ -18,14 +19,7 @@ from pathlib import Path
 
 import torch
 
-# MoE runs only (empty otherwise); see models/moe.py summarize_stats. moe_val_loss_topk: validation loss with
-# teacher-forced top-k expert choice (non-causal), next to val_loss, which uses the causal rule generation uses.
-MOE_COLUMNS = ["moe_aux_loss", "moe_load_max", "moe_experts_per_token", "moe_no_expert", "moe_dropped",
-               "moe_router_entropy", "moe_agree_threshold", "moe_recall_threshold", "moe_agree_predictor",
-               "moe_recall_predictor", "moe_val_loss_topk"]
-COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s",
-           "flops_per_s", "mfu", "peak_mem_mb", "data_wait", "nonfinite_skipped", "elapsed_s", *MOE_COLUMNS]
-
+from ..core.run_dir import COLUMNS
 
 class MetricsLog:
     """Appends rows to metrics.csv and TensorBoard. On resume, rows past the checkpoint are dropped so the
@@ -79,11 +73,6 @@ def _tb_name(key: str) -> str:
     group = "loss" if "loss" in key or "ppl" in key else "perf" if key in (
         "tokens_per_s", "flops_per_s", "mfu", "peak_mem_mb", "data_wait") else "train"
     return f"{group}/{key}"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def peak_memory_mb(device: torch.device) -> float:

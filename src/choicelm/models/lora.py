@@ -47,9 +47,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..errors import ChoicelmError
-from ..models.layers import MLP, SelfAttention, SwiGLU
-from ..models.seq2seq import CrossAttention
+from ..core.config import Config
+from ..core.errors import ChoicelmError
+from .layers import MLP, SelfAttention, SwiGLU
+from .seq2seq import CrossAttention
 
 ADAPTER = "default"  # peft's adapter name; it appears in the state-dict keys (lora_A.default.weight)
 
@@ -261,3 +262,15 @@ def lora_parameter_count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied tensors count once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lora_settings(cfg: Config):
+    """The run's LoRA settings: the config's, plus a classifier's head, which trains in full."""
+    from ..models.lora import LoraSettings
+
+    f = cfg.finetune
+    heads = ()
+    if cfg.model.n_labels:
+        heads = ("classifier", "pooler") if cfg.model.kind == "bert" else ("classifier",)
+    targets = tuple(t.strip() for t in f.lora_targets.split(",") if t.strip())
+    return LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout, targets=targets, train_modules=heads)

@@ -22,10 +22,10 @@ from typing import Iterator
 
 import torch
 
-from ..data.loader import LMBatchSampler
-from ..data.pairs import IGNORE_INDEX, PairDataset
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 from ..generation.chat import render_chat
+from .loader import LMBatchSampler
+from .pairs import IGNORE_INDEX, PairDataset
 
 TASKS = ("classify", "seq2seq", "sft")
 

@@ -4,15 +4,25 @@ The training loop divides the summed loss by the valid-token count of the whole 
 (all micro-batches on all ranks), so every token weighs the same whatever the padding or the
 accumulation. The model output carries auxiliary losses (MoE) and statistics to the loop.
 A new objective (MLM, classification, SFT) is one more function here.
+
+Training optimises these objectives and evaluation measures them, so they live below both (training,
+fine-tuning and evaluation import this module; it imports no training code): summed_loss scores a model
+over batches, score_split a counted (n-gram) model over a prepared split.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .runtime import autocast
+from .core.errors import ChoicelmError
+from .core.runtime import autocast
+from .data.loader import TokenDataset, text_lines
+from .models import padding_mask
+from .models.ngram import score_stream
 
 
 def causal_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
@@ -80,16 +90,16 @@ class MaskedLM:
     @classmethod
     def for_data(cls, data_dir, seed: int, nsp: bool = False) -> "MaskedLM":
         """The objective for a prepared data folder: masks with its tokenizer's <|mask|> and special tokens."""
-        from ..data.loader import read_manifest
-        from ..data.mlm import MLMMasker
-        from ..tokenizer import Tokenizer
+        from .data.loader import read_manifest
+        from .data.mlm import MLMMasker
+        from .tokenizer import Tokenizer
 
         manifest = read_manifest(data_dir)
         tokenizer = Tokenizer.load(Path(data_dir) / manifest["tokenizer"]["dir"])
         return cls(MLMMasker.from_tokenizer(tokenizer), seed, nsp)
 
     def prepare(self, batch: tuple[torch.Tensor, torch.Tensor], key: tuple[int, int] | None):
-        from ..data.mlm import content_key, mlm_generator, next_sentence_pairs
+        from .data.mlm import content_key, mlm_generator, next_sentence_pairs
 
         x_BT = batch[0]
         if self.nsp:  # generator streams 2 (training) and 3 (validation), apart from the masks' 0 and 1
@@ -120,13 +130,6 @@ def classification(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tens
     return out.loss, int((labels_B != -100).sum()), out
 
 
-def padding_mask(model: torch.nn.Module, mask_BT: torch.Tensor) -> dict:
-    """The padding mask as the model's forward names it: an encoder's attention_mask_BT, a decoder's
-    attention_mask_BS (its keys may run past the new tokens when it decodes)."""
-    config = getattr(model, "module", model).config  # through DDP's wrapper
-    return {"attention_mask_BT" if config.kind == "bert" else "attention_mask_BS": mask_BT}
-
-
 def seq2seq_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
     """Teacher-forced target prediction for an encoder-decoder: (src_BS, src_mask_BS, tgt_in_BT, targets_BT)."""
     src_BS, src_mask_BS, tgt_in_BT, targets_BT = batch
@@ -134,7 +137,7 @@ def seq2seq_lm(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
     return out.loss, int((targets_BT != -100).sum()), out
 
 
-# sft is causal_lm on conversations whose prompt tokens are -100 (finetune/data.py)
+# sft is causal_lm on conversations whose prompt tokens are -100 (data/tasks.py)
 OBJECTIVES = {"causal_lm": causal_lm, "classify": classification, "seq2seq": seq2seq_lm, "sft": causal_lm}
 
 
@@ -151,3 +154,26 @@ def summed_loss(objective, model: torch.nn.Module, batches, device: torch.device
         loss_sum += float(batch_loss)
         count += n
     return loss_sum, count
+
+
+def score_split(lm, data: TokenDataset, eot_id: int) -> dict:
+    """Per-prediction loss (nats; </s> counted, as KenLM does), perplexity and bits per byte of a split.
+
+    A token model predicts exactly the split's tokens (an <|endoftext|> as </s>), as a neural model's
+    `choicelm evaluate` does; a word model predicts the split's words and one </s> per line."""
+    if lm.kind == "words":
+        logp_total, count = lm.score([lm.words.encode(line) for line in text_lines(data)])
+        method = f"lines of words ({lm.order}-gram, {lm.smoothing})"
+    else:
+        ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in data.shards])  # a document may span shards
+        logp_total, count = score_stream(lm, ids, eot_id)
+        method = f"documents ({lm.order}-gram, {lm.smoothing})"
+    nats = -logp_total
+    if count == 0:
+        raise ChoicelmError(f"split '{data.split}' of {data.dir} has nothing to score")
+    loss = nats / count
+    n_bytes = data.manifest["splits"][data.split].get("bytes")
+    result = {"split": data.split, "tokens": count, "loss": loss, "ppl": math.exp(loss), "method": method}
+    if n_bytes:
+        result["bits_per_byte"] = nats / math.log(2) / n_bytes
+    return result

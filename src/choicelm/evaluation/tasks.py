@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from ..errors import ChoicelmError
-from ..train.objectives import padding_mask
-from . import data as fd
+from ..api import classify_texts
+from ..core.errors import ChoicelmError
+from ..data import tasks as fd
 from . import metrics as fm
 
 
@@ -31,25 +31,6 @@ def task_of(lm) -> str:
         return "sft"
     raise ChoicelmError(f"a {lm.config.model.kind} model has no fine-tuning task metrics; evaluate it with "
                         "--metrics ppl on prepared data")
-
-
-@torch.no_grad()
-def classify_texts(lm, texts: list[str], batch_size: int = 32) -> list[tuple[str, dict[str, float]]]:
-    """(label, {label: probability}) per text."""
-    if lm.labels is None:
-        raise ChoicelmError(f"{lm.checkpoint} has no labels.json naming its classes; it was not written by "
-                            "`choicelm finetune --task classify`")
-    kind, max_len = lm.config.model.kind, lm.config.model.block_size
-    data = fd.ClassificationDataset([fd.classification_ids(lm.tokenizer, t, kind, max_len) for t in texts],
-                                    [0] * len(texts), lm.tokenizer.pad_id_or_eos)
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids_BT, mask_BT, _ = data.collate(list(range(i, min(i + batch_size, len(texts)))))
-        logits_BL = lm.model(ids_BT.to(lm.device), **padding_mask(lm.model, mask_BT.to(lm.device))).logits
-        for probs in logits_BL.float().softmax(-1).tolist():
-            best = max(range(len(probs)), key=probs.__getitem__)
-            out.append((lm.labels[best], dict(zip(lm.labels, probs))))
-    return out
 
 
 def evaluate_file(lm, path, metrics: list[str] | None = None, *, num_beams: int = 1, max_new_tokens: int = 0,
@@ -104,7 +85,7 @@ def summary(result: dict) -> str:
 @torch.no_grad()
 def _reply_loss(lm, path, batch_size: int) -> dict:
     from ..generation.chat import template_of
-    from ..train.objectives import causal_lm
+    from ..objectives import causal_lm
 
     template = template_of(lm.tokenizer)
     max_len = lm.config.finetune.max_length or lm.config.model.block_size

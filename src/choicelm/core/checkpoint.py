@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_model, save_model
 
-from ..errors import ChoicelmError
+from .config import Config
+from .errors import ChoicelmError
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -145,6 +147,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ChoicelmError(f"{path} holds no complete checkpoint (looked for step-XXXXXXXX/{MARKER}); "
                             "is it a choicelm run directory?")
     return found[-1].path
+
+
+def read_raw_config(step_dir: Path, hint: str = "it is not a choicelm checkpoint",
+                    error: type[ChoicelmError] = ChoicelmError) -> dict:
+    """The sections of `step_dir`/config.yaml as written (a dict, {} if empty), not yet checked; `hint` ends
+    the message when the file is missing, raised as `error`."""
+    file = Path(step_dir) / "config.yaml"
+    if not file.is_file():
+        raise error(f"{step_dir} has no config.yaml; {hint}")
+    return yaml.safe_load(file.read_text()) or {}
+
+
+def read_config(step_dir: Path, hint: str = "it is not a choicelm checkpoint",
+                error: type[ChoicelmError] = ChoicelmError) -> Config:
+    """The run config a checkpoint was written with (`step_dir`/config.yaml), checked as any config is."""
+    file = Path(step_dir) / "config.yaml"
+    return Config.from_dict(read_raw_config(step_dir, hint, error), str(file))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:

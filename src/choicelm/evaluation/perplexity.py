@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.loader import TokenDataset, eval_batches
-from .errors import ChoicelmError
-from .models.moe import CAUSAL_RULES
-from .train.objectives import causal_lm, summed_loss
-from .train.runtime import autocast, use_bf16
+from ..core.errors import ChoicelmError
+from ..core.runtime import autocast, use_bf16
+from ..data.loader import TokenDataset, eval_batches
+from ..models.moe import CAUSAL_RULES
+from ..objectives import causal_lm, score_split, summed_loss
 
 METRICS = ("ppl",)
 
@@ -183,8 +183,8 @@ def masked_lm_perplexity(lm, data: TokenDataset, batch_size: int, max_batches: i
 
 def masked_lm_objective(lm):
     """The MLM objective for an encoder checkpoint, masking as its validation during training did."""
-    from .data.mlm import MLMMasker
-    from .train.objectives import MaskedLM
+    from ..data.mlm import MLMMasker
+    from ..objectives import MaskedLM
 
     if lm.config.model.n_labels:
         raise ChoicelmError("this encoder is a classifier (model.n_labels > 0): it has no masked-LM loss to report; "
@@ -195,8 +195,6 @@ def masked_lm_objective(lm):
 def ngram_perplexity(lm, data: TokenDataset) -> dict:
     """A counted model scores the whole split as documents (its </s> predicts <|endoftext|>), so it scores the
     same tokens as a neural model on the same shards."""
-    from .train.counting import score_split
-
     if lm.model.kind == "ids" and data.manifest["tokenizer"]["sha256"] != lm.model.tokenizer_sha256:
         raise ChoicelmError(f"--data {data.dir} was encoded with a different tokenizer than the n-gram model "
                             "was counted on; re-run `choicelm prepare` with the checkpoint's tokenizer folder")
@@ -225,7 +223,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, metrics: list[str], s
     if unknown:
         raise ChoicelmError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(METRICS)}")
     check_stride(stride)
-    from .api import load
+    from ..api import load
 
     lm = load(checkpoint, device)
     if routing is None:

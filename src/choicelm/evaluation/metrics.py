@@ -5,7 +5,7 @@ figure here is the figure anyone else gets from the same outputs. Every result i
 ints, lists, dicts) and can go straight into JSON. The libraries are imported inside each function, so
 `import choicelm` stays light; they come with `pip install 'choicelm[finetune]'`.
 
-    from choicelm.finetune.metrics import classification_metrics, format_classification_report, bleu, rouge
+    from choicelm.evaluation.metrics import classification_metrics, format_classification_report, bleu, rouge
 
     m = classification_metrics(["pos", "neg", "pos"], ["pos", "pos", "pos"], labels=["neg", "pos"])
     print(m["accuracy"], m["f1"])            # macro F1
@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 
-from ..errors import ChoicelmError
+from ..core.errors import ChoicelmError
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall")
 GENERATION_METRICS = ("bleu", "rouge")
