@@ -302,3 +302,38 @@ def test_compile_and_bf16_track_the_fp32_eager_losses(prepared, tmp_path, flags,
     tol = 1e-4 if "compile" in flags[0] else 2e-2  # bf16 matmuls round to 8 bits of mantissa
     assert all(float(other[s]) == pytest.approx(float(eager[s]), abs=tol) for s in eager)
     assert read_metrics(tmp_path / "other")[-1]["step"] == 3
+
+
+# --- run folders: nothing lost, nothing mixed (issue 18) --------------------------------------------------
+
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder` with its size and mtime: equal snapshots = nothing changed on disk."""
+    return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in [folder, *sorted(folder.rglob("*"))]}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("choicelm: error: "), err
+    return err
+
+
+def test_resume_auto_refuses_a_run_without_a_complete_checkpoint(prepared, tmp_path, capsys):
+    """Every checkpoint damaged (a garbled marker, a missing one): --resume auto must not delete the run and start
+    over; it names what is wrong and the way out (--overwrite), and changes nothing."""
+    _, data = prepared
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=4", "--train.save_every=2",
+            "--train.eval_every=0"]
+    assert run_cli(*args) == 0
+    (run / "step-00000004" / "COMPLETE").write_text("x")
+    (run / "step-00000002" / "COMPLETE").unlink()
+    before = snapshot(run)
+    assert run_cli(*args, "--resume", "auto") == 2
+    err = one_error_line(capsys)
+    assert "no complete checkpoint" in err and "step-00000004: unreadable COMPLETE" in err
+    assert "step-00000002: no COMPLETE" in err and "up to step 4" in err and "--overwrite" in err
+    assert snapshot(run) == before
+    # The way out the message names: start over.
+    assert run_cli(*args, "--resume", "auto", "--overwrite") == 0
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [2, 4]

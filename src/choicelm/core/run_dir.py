@@ -38,6 +38,10 @@ def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main:
         found = ckpt.list_checkpoints(out_dir)
         if found:
             return found[-1].path
+        lost = _unusable(out_dir)
+        if lost and not overwrite:
+            raise ChoicelmError(f"--out {out_dir} holds a run but no complete checkpoint to resume from ({lost}); "
+                                "pass --overwrite to delete it and start over, or choose another --out")
     if nonempty and not is_run:
         raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
     if is_run and resume != "auto" and not overwrite:
@@ -45,6 +49,25 @@ def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main:
         where = f" (checkpoint at step {done[-1].step})" if done else ""
         raise ChoicelmError(f"--out {out_dir} already holds a run{where}; pass --resume auto to continue it, "
                             "--overwrite to replace it, or choose another --out")
-    if is_run and is_main:  # --overwrite, or --resume auto on a run that never saved a checkpoint
+    if is_run and is_main:  # --overwrite, or --resume auto on a run that never trained a step
         shutil.rmtree(out_dir)
     return None
+
+
+def _unusable(out_dir: Path) -> str:
+    """What a run without a complete checkpoint would lose by starting over ('' if nothing)."""
+    parts = []
+    for p in sorted(out_dir.iterdir()):
+        if ckpt.STEP_DIR.match(p.name) and p.is_dir():
+            marker = p / ckpt.MARKER
+            parts.append(f"{p.name}: {'unreadable' if marker.exists() else 'no'} {ckpt.MARKER} marker")
+    metrics = out_dir / "metrics.csv"
+    if metrics.is_file():
+        try:
+            with open(metrics, newline="") as f:
+                steps = [r.get("step") for r in csv.DictReader(f)]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            steps = ["?"]
+        if steps:
+            parts.append(f"metrics.csv has {len(steps)} rows, up to step {steps[-1]}")
+    return "; ".join(parts)

@@ -164,9 +164,10 @@ class _StudyTrainer(Trainer):
 
 
 def train_run(cfg: Config, run_dir: Path, extra_rules: tuple[str, ...] = ()) -> Path:
-    """pretrain(cfg, run_dir, resume="auto"), logging the validation curves of extra_rules too."""
+    """pretrain(cfg, run_dir, resume="auto"), logging the validation curves of extra_rules too. The study owns its
+    run folders, so one killed before its first checkpoint starts over (overwrite) instead of being refused."""
     if not extra_rules:
-        return pretrain(cfg, run_dir, resume="auto")
+        return pretrain(cfg, run_dir, resume="auto", overwrite=True)
     from ..train.distributed import init_distributed, shutdown
 
     if cfg.train.tune_allocator:
@@ -174,7 +175,7 @@ def train_run(cfg: Config, run_dir: Path, extra_rules: tuple[str, ...] = ()) -> 
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = init_distributed(device.type)
     try:
-        trainer = _StudyTrainer(cfg, run_dir, dist_info, device, "auto", False, pretraining_inputs(cfg))
+        trainer = _StudyTrainer(cfg, run_dir, dist_info, device, "auto", True, pretraining_inputs(cfg))
         trainer.extra_rules = tuple(extra_rules)
         return trainer.run()
     finally:
