@@ -337,3 +337,27 @@ def test_resume_auto_refuses_a_run_without_a_complete_checkpoint(prepared, tmp_p
     # The way out the message names: start over.
     assert run_cli(*args, "--resume", "auto", "--overwrite") == 0
     assert [c.step for c in ckpt.list_checkpoints(run)] == [2, 4]
+
+
+def test_resume_from_another_run_refuses_an_existing_out(prepared, tmp_path, capsys):
+    """--resume A/step-N --out B, B an existing run: refused, B untouched (it used to cut and merge B's metrics
+    and prune the new checkpoints). A new --out starts from A's checkpoint; --overwrite replaces B."""
+    _, data = prepared
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["pretrain", "--config", TINY, "--data", data, "--train.eval_every=0", "--train.save_every=2"]
+    assert run_cli(*common, "--out", a, "--train.max_steps=2") == 0
+    assert run_cli(*common, "--out", b, "--train.max_steps=6") == 0
+    before_a, before_b = snapshot(a), snapshot(b)
+    assert run_cli(*common, "--out", b, "--train.max_steps=8", "--resume", a / "step-00000002") == 2
+    err = one_error_line(capsys)
+    assert "another run" in err and "mix" in err and "--overwrite" in err
+    assert snapshot(a) == before_a and snapshot(b) == before_b
+    # A checkpoint inside B and --overwrite of B: the checkpoint would be deleted first.
+    assert run_cli(*common, "--out", b, "--train.max_steps=8", "--resume", b / "step-00000006", "--overwrite") == 2
+    assert "would delete" in one_error_line(capsys) and snapshot(b) == before_b
+    # A fresh --out forks A at step 2; its losses continue A's (the same as a straight run).
+    assert run_cli(*common, "--out", c, "--train.max_steps=4", "--resume", a / "step-00000002") == 0
+    assert sorted(losses(c)) == [3, 4] and [x.step for x in ckpt.list_checkpoints(c)] == [4]
+    assert run_cli(*common, "--out", b, "--train.max_steps=4", "--resume", a / "step-00000002", "--overwrite") == 0
+    assert losses(b) == losses(c) and [x.step for x in ckpt.list_checkpoints(b)] == [4]
+    assert snapshot(a) == before_a

@@ -30,10 +30,24 @@ def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main:
     resume from, or None for a fresh start."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ChoicelmError(f"--out {out_dir} is a file; choose a directory for the run")
-    if resume not in (None, "auto"):
-        return ckpt.resolve_checkpoint(resume)
     is_run = (out_dir / "config.yaml").exists() or (out_dir / "metrics.csv").exists()
     nonempty = out_dir.is_dir() and any(out_dir.iterdir())
+    if resume not in (None, "auto"):
+        source = ckpt.resolve_checkpoint(resume)
+        if out_dir.resolve() in source.resolve().parents:  # a checkpoint of this run
+            if overwrite:
+                raise ChoicelmError(f"--overwrite would delete {source}, the checkpoint --resume names; drop "
+                                    "--overwrite to continue the run from it")
+            return source
+        if nonempty and not is_run:
+            raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
+        if is_run and not overwrite:
+            raise ChoicelmError(f"--resume {resume} is a checkpoint of another run, and --out {out_dir} already holds "
+                                f"a run: starting from it would mix the two runs; choose a new --out to continue "
+                                f"from {source}, or pass --overwrite to replace {out_dir}")
+        if is_run and is_main:
+            shutil.rmtree(out_dir)
+        return source
     if resume == "auto" and is_run:
         found = ckpt.list_checkpoints(out_dir)
         if found:
