@@ -361,3 +361,67 @@ def test_resume_from_another_run_refuses_an_existing_out(prepared, tmp_path, cap
     assert run_cli(*common, "--out", b, "--train.max_steps=4", "--resume", a / "step-00000002", "--overwrite") == 0
     assert losses(b) == losses(c) and [x.step for x in ckpt.list_checkpoints(b)] == [4]
     assert snapshot(a) == before_a
+
+
+def test_a_second_writer_is_refused_while_a_run_is_live(prepared, tmp_path, capsys):
+    """A live run holds RUN/.lock (flock): --resume auto and --overwrite from a second process are refused in one
+    line and change nothing; once the writer is gone (even by SIGKILL) the lock goes with it."""
+    import signal
+    import time
+
+    _, data = prepared
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", TINY, "--data", data, "--out", run, "--train.eval_every=0", "--train.save_every=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "choicelm", *map(str, args), "--train.max_steps=100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.list_checkpoints(run):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for extra in (["--resume", "auto"], ["--overwrite"], ["--resume", "auto", "--overwrite"]):
+            assert run_cli(*args, "--train.max_steps=100000", *extra) == 2
+            err = one_error_line(capsys)
+            assert "in use by another choicelm process" in err and f"pid {proc.pid}" in err
+            assert proc.poll() is None and (run / "config.yaml").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = ckpt.list_checkpoints(run)[-1].step
+    assert run_cli(*args, f"--train.max_steps={last + 2}", "--resume", "auto") == 0
+    assert ckpt.list_checkpoints(run)[-1].step == last + 2
+    assert (run / ".lock").read_text().strip() == str(os.getpid())  # this process took the lock over
+
+
+def test_overwrite_checks_everything_before_deleting_the_old_run(prepared, tmp_path, capsys):
+    """--overwrite with a setting that cannot work refuses before touching the old run: a validation split shorter
+    than block_size+1 (found only at the first evaluation before), a model far larger than the memory."""
+    _, data = prepared
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", TINY, "--data", data, "--out", run, "--train.eval_every=1", "--train.max_steps=2"]
+    assert run_cli(*args) == 0
+    before = snapshot(run)
+    assert run_cli(*args, "--overwrite", "--model.block_size=60000", "--train.micro_batch_size=1") == 2
+    err = one_error_line(capsys)
+    assert "val split" in err and "60,001" in err
+    assert snapshot(run) == before
+    assert run_cli(*args, "--overwrite", "--model.n_layer=1e9") == 2
+    err = one_error_line(capsys)
+    assert "GiB to train" in err and "available" in err
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["--model.mlp=swiglu", "--model.pos=rope", "--model.tie_embeddings=false", "--model.bias=false",
+         "--model.n_kv_head=1", "--model.norm=rmsnorm"],
+    ["--moe.experts=4", "--moe.every=1"], ["--moe.experts=4", "--moe.router=token_choice", "--moe.shared_expert=true"],
+    ["--model.kind=bert"], ["--model.kind=seq2seq"], ["--model.kind=lstm"]],
+    ids=["gpt", "llama", "moe-ec", "moe-tc-shared", "bert", "seq2seq", "lstm"])
+def test_parameter_estimate_matches_the_built_model(overrides):
+    """The memory check counts parameters from the config alone; it must agree with the model built from it."""
+    from choicelm.train.loop import estimate_parameters
+
+    cfg = load_config(TINY, ["--model.vocab_size=512", "--model.n_embd=64", *overrides])
+    real = sum(p.numel() for p in build_model(cfg.model, cfg.moe).parameters())
+    assert estimate_parameters(cfg) == pytest.approx(real, rel=0.05)

@@ -1,11 +1,15 @@
 """A run directory as every layer reads it: RUN/config.yaml (the resolved config), RUN/metrics.csv (its
 columns and reader; train/run_log.py writes it), RUN/step-XXXXXXXX/ (core/checkpoint.py), and the rules
-for reusing a directory as --out (fresh start, resume or refusal)."""
+for reusing a directory as --out (fresh start, resume, replacement or refusal) and the lock a writer holds
+(RUN/.lock)."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -25,47 +29,141 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
-    """Decide between a fresh run and a resume; refuse to clobber anything. Returns the checkpoint to
-    resume from, or None for a fresh start."""
+LOCK_FILE = ".lock"  # RUN/.lock: flocked by the process writing the run, for the run's lifetime
+
+
+class RunLock:
+    """An exclusive fcntl.flock on RUN/.lock, held while a process writes the run (a second writer is refused).
+    The file stays behind when the run ends; the lock goes with the process, however it ends (even SIGKILL)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.path, self.fd = out_dir, out_dir / LOCK_FILE, None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def probe(self) -> None:
+        """Take the lock if the lock file exists (a live writer: refused). Creates nothing."""
+        if not self.held and self.path.is_file():
+            self._take(os.O_RDWR)
+
+    def acquire(self) -> None:
+        """Create the run folder and the lock file if needed, take the lock and write our pid into it."""
+        if not self.held:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._take(os.O_RDWR | os.O_CREAT)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _take(self, flags: int) -> None:
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise ChoicelmError(f"--out {self.out_dir} is in use by another choicelm process"
+                                f"{f' (pid {pid})' if pid else ''}; wait for it to finish or stop it first, "
+                                "or choose another --out") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+
+@dataclass
+class RunPlan:
+    """What starting a run will do to --out: resume from `resume_from` (None: a fresh start), after deleting the
+    run there first if `replace`. Nothing on disk changes until commit()."""
+
+    out_dir: Path
+    resume: str | None
+    overwrite: bool
+    resume_from: Path | None
+    replace: bool
+    lock: RunLock
+
+    def commit(self, is_main: bool = True) -> Path | None:
+        """Take the run's lock (rank 0), check that nothing changed since the plan, replace the old run if planned.
+        Returns the checkpoint to resume from, or None for a fresh start."""
+        if not is_main:
+            return self.resume_from
+        self.lock.acquire()
+        again = _decide(self.out_dir, self.resume, self.overwrite)
+        if (again.resume_from, again.replace) != (self.resume_from, self.replace):
+            self.lock.release()
+            raise ChoicelmError(f"--out {self.out_dir} changed while the run was starting (another process wrote "
+                                "to it); check it and start again")
+        if self.replace:
+            for p in self.out_dir.iterdir():
+                if p.name == LOCK_FILE:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return self.resume_from
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@dataclass
+class _Decision:
+    resume_from: Path | None
+    replace: bool
+
+
+def plan_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main: bool = True) -> RunPlan:
+    """Decide between a fresh run, a resume and a replacement of --out, refusing anything that would lose or mix
+    data; changes nothing on disk (a live writer's lock is probed, not created). Rank 0 commits the plan."""
+    lock = RunLock(out_dir)
+    if is_main:
+        lock.probe()
+    try:
+        d = _decide(out_dir, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return RunPlan(out_dir, resume, overwrite, d.resume_from, d.replace, lock)
+
+
+def _decide(out_dir: Path, resume: str | None, overwrite: bool) -> _Decision:
     if out_dir.exists() and not out_dir.is_dir():
         raise ChoicelmError(f"--out {out_dir} is a file; choose a directory for the run")
     is_run = (out_dir / "config.yaml").exists() or (out_dir / "metrics.csv").exists()
-    nonempty = out_dir.is_dir() and any(out_dir.iterdir())
+    nonempty = out_dir.is_dir() and any(p.name != LOCK_FILE for p in out_dir.iterdir())
+    if nonempty and not is_run:
+        raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
     if resume not in (None, "auto"):
         source = ckpt.resolve_checkpoint(resume)
         if out_dir.resolve() in source.resolve().parents:  # a checkpoint of this run
             if overwrite:
                 raise ChoicelmError(f"--overwrite would delete {source}, the checkpoint --resume names; drop "
                                     "--overwrite to continue the run from it")
-            return source
-        if nonempty and not is_run:
-            raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
+            return _Decision(source, False)
         if is_run and not overwrite:
             raise ChoicelmError(f"--resume {resume} is a checkpoint of another run, and --out {out_dir} already holds "
                                 f"a run: starting from it would mix the two runs; choose a new --out to continue "
                                 f"from {source}, or pass --overwrite to replace {out_dir}")
-        if is_run and is_main:
-            shutil.rmtree(out_dir)
-        return source
+        return _Decision(source, is_run)
+    found = ckpt.list_checkpoints(out_dir)
     if resume == "auto" and is_run:
-        found = ckpt.list_checkpoints(out_dir)
         if found:
-            return found[-1].path
+            return _Decision(found[-1].path, False)
         lost = _unusable(out_dir)
         if lost and not overwrite:
             raise ChoicelmError(f"--out {out_dir} holds a run but no complete checkpoint to resume from ({lost}); "
                                 "pass --overwrite to delete it and start over, or choose another --out")
-    if nonempty and not is_run:
-        raise ChoicelmError(f"--out {out_dir} is not empty and is not a choicelm run; choose a new directory")
     if is_run and resume != "auto" and not overwrite:
-        done = ckpt.list_checkpoints(out_dir)
-        where = f" (checkpoint at step {done[-1].step})" if done else ""
+        where = f" (checkpoint at step {found[-1].step})" if found else ""
         raise ChoicelmError(f"--out {out_dir} already holds a run{where}; pass --resume auto to continue it, "
                             "--overwrite to replace it, or choose another --out")
-    if is_run and is_main:  # --overwrite, or --resume auto on a run that never trained a step
-        shutil.rmtree(out_dir)
-    return None
+    # --overwrite, or --resume auto on a run that never trained a step
+    return _Decision(None, is_run)
 
 
 def _unusable(out_dir: Path) -> str:
@@ -85,3 +183,15 @@ def _unusable(out_dir: Path) -> str:
         if steps:
             parts.append(f"metrics.csv has {len(steps)} rows, up to step {steps[-1]}")
     return "; ".join(parts)
+
+
+def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> RunPlan:
+    """plan_run_dir + commit in one go (a run with no checks of its own between them). Release the returned
+    plan's lock when the run ends."""
+    plan = plan_run_dir(out_dir, resume, overwrite, is_main)
+    try:
+        plan.commit(is_main)
+    except BaseException:
+        plan.release()
+        raise
+    return plan

@@ -35,9 +35,16 @@ def count_ngram(cfg: Config, out_dir: Path, resume: str | None, overwrite: bool)
         raise ChoicelmError("no training data: pass --data DIR (a directory written by `choicelm prepare`)")
     data_dir = Path(cfg.data.path)
     train = TokenDataset(data_dir, "train")
-    resume_from = prepare_run_dir(out_dir, resume, overwrite, True)  # the same rules as gradient training
-    if resume_from is not None:  # counting is one step: a complete checkpoint is the whole run
-        return resume_from
+    plan = prepare_run_dir(out_dir, resume, overwrite, True)  # the same rules (and lock) as gradient training
+    try:
+        if plan.resume_from is not None:  # counting is one step: a complete checkpoint is the whole run
+            return plan.resume_from
+        return _count(cfg, out_dir, data_dir, train)
+    finally:
+        plan.release()
+
+
+def _count(cfg: Config, out_dir: Path, data_dir: Path, train: TokenDataset) -> Path:
     manifest = train.manifest
     tokenizer_dir = data_dir / manifest["tokenizer"]["dir"]
     n = cfg.ngram

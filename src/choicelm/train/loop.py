@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..core import checkpoint as ckpt
 from ..core.config import Config
 from ..core.errors import ChoicelmError
-from ..core.run_dir import prepare_run_dir
-from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
+from ..core.run_dir import plan_run_dir
+from ..core.runtime import autocast, available_memory, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import LMBatchSampler, StreamBatchSampler, TokenDataset, eval_batches
 from ..models import build_model
 from ..objectives import OBJECTIVES, MaskedLM, TruncatedBPTT, summed_loss
@@ -128,21 +128,30 @@ class Trainer:
         t = cfg.train
         self.train_data, self.val_data = inputs.train, inputs.val if t.eval_every else None
 
-        resume_from = prepare_run_dir(out_dir, resume, overwrite, dist_info.is_main)
+        # Every check that can still fail runs before --out is touched: only then is the old run replaced.
+        self.run_plan = plan_run_dir(out_dir, resume, overwrite, dist_info.is_main)
+        try:
+            resume_from = self.run_plan.resume_from
+            if resume_from is not None:
+                self._check_resume_config(resume_from)
+            ws = dist_info.world_size
+            global_batch = t.global_batch_size or t.micro_batch_size * ws
+            self.sampler = inputs.sampler_cls(self.train_data, cfg.model.block_size, t.micro_batch_size,
+                                              global_batch, t.seed, dist_info.rank, ws)
+            if self.val_data is not None:  # a split too short for one window fails now, not at the first evaluation
+                self.val_data.n_windows(cfg.model.block_size)
+            check_fits_in_memory(cfg, device, t.micro_batch_size)
+            self.run_plan.commit(dist_info.is_main)
+        except BaseException:
+            self.run_plan.release()
+            raise
         barrier(dist_info)
-        if resume_from is not None:
-            self._check_resume_config(resume_from)
 
         torch.manual_seed(t.seed)
         self.model = inputs.build_model().to(device)
         self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
         self.bf16 = use_bf16(t.precision, device)
-
-        ws = dist_info.world_size
-        global_batch = t.global_batch_size or t.micro_batch_size * ws
-        self.sampler = inputs.sampler_cls(self.train_data, cfg.model.block_size, t.micro_batch_size, global_batch,
-                                          t.seed, dist_info.rank, ws)
         self.objective = inputs.objective_for(self.sampler)
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
@@ -279,6 +288,12 @@ class Trainer:
         return path or self.out_dir / ckpt.step_dir_name(self.step)
 
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            self.run_plan.release()
+
+    def _run(self) -> Path:
         t, main = self.cfg.train, self.dist.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +387,57 @@ class Trainer:
                    "nonfinite_skipped": self.nonfinite_total, "world_size": self.dist.world_size,
                    "precision": "bf16" if self.bf16 else "fp32", "device": str(self.device)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def estimate_parameters(cfg: Config) -> int:
+    """Parameters of cfg's model from its config alone (nothing allocated; an upper bound within a few percent)."""
+    m, moe = cfg.model, cfg.moe
+    d, v, hidden = m.n_embd, m.vocab_size or 50304, m.hidden_size
+    embed = v * d * (1 if m.tie_embeddings else 2)
+    if m.kind == "lstm":
+        return embed + m.n_layer * 8 * d * (d + 1)
+    mats = 3 if m.mlp == "swiglu" else 2
+    attn = 2 * d * d + 2 * d * m.kv_heads * m.head_dim + 4 * d
+    mlp = mats * d * hidden + hidden + 2 * d
+    blocks = m.n_layer + ((m.n_decoder_layer or m.n_layer) if m.kind == "seq2seq" else 0)
+    total = embed + (m.block_size * d if m.pos == "learned" else 0) + blocks * (attn + mlp)
+    if m.kind == "seq2seq":
+        total += (m.n_decoder_layer or m.n_layer) * attn + (m.src_vocab_size * d)  # cross-attention, source table
+    if moe.enabled and m.kind == "gpt":
+        n_moe = m.n_layer // moe.every
+        width = moe.expert_width or hidden
+        total += n_moe * (moe.experts * mats * d * width + d * moe.experts - mlp
+                          + (mats * d * width if moe.shared_expert else 0))
+    return total
+
+
+def estimate_training_bytes(cfg: Config, micro_batch_size: int) -> int:
+    """Memory one training process needs at least: fp32 weights, gradients and two optimizer moments (16 bytes a
+    parameter) and the activations a micro-batch keeps for backward (~(12 d + 3 hidden) floats per token and layer:
+    attention runs as flash attention, so no T x T scores)."""
+    m = cfg.model
+    blocks = m.n_layer + ((m.n_decoder_layer or m.n_layer) if m.kind == "seq2seq" else 0)
+    per_token_layer = 12 * m.n_embd + 3 * m.hidden_size
+    activations = micro_batch_size * m.block_size * blocks * per_token_layer * 4
+    return 16 * estimate_parameters(cfg) + activations
+
+
+def check_fits_in_memory(cfg: Config, device: torch.device, micro_batch_size: int) -> None:
+    """Refuse, in one line and before anything is allocated, a model that cannot fit in the memory this device has
+    free (n_layer=1e9 would otherwise allocate for minutes and then fail)."""
+    need = estimate_training_bytes(cfg, micro_batch_size)
+    have = available_memory(device)
+    if have is not None and need > have:
+        params = estimate_parameters(cfg)
+        raise ChoicelmError(f"this model needs about {_gib(need)} to train (~{params:,} parameters at 16 bytes each "
+                            f"for weights, gradients and AdamW moments, plus activations of micro-batch "
+                            f"{micro_batch_size} x block_size {cfg.model.block_size}) but {device.type} has "
+                            f"{_gib(have)} available; lower model.n_layer / n_embd / block_size or "
+                            "train.micro_batch_size")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def _progress(total: int, initial: int, enabled: bool):
