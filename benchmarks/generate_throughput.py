@@ -27,7 +27,7 @@ import torch
 
 from choicelm.core.config import ModelConfig
 from choicelm.generation import GenerationConfig, generate_ids
-from choicelm.generation.weight_layout import prepare_for_decoding
+from choicelm.models.weight_layout import prepare_for_decoding
 from choicelm.models import GPT
 from choicelm.core.runtime import keep_freed_memory
 

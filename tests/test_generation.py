@@ -467,7 +467,7 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, monkeypatch, onednn):
     """fp32: prepacked oneDNN linears, or without oneDNN weights re-stored [in, out]; same values and outputs."""
     from safetensors.torch import load_file, save_model
 
-    from choicelm.generation.weight_layout import PackedLinear, prepare_for_decoding, restore_layout
+    from choicelm.models.weight_layout import PackedLinear, prepare_for_decoding, restore_layout
 
     if onednn and not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -501,7 +501,7 @@ def test_decode_layout_keeps_values_and_outputs(tmp_path, monkeypatch, onednn):
 
 
 def test_bf16_prepacked_linears_give_the_same_logits_and_tokens():
-    from choicelm.generation.weight_layout import PackedLinear, prepare_for_decoding, restore_layout
+    from choicelm.models.weight_layout import PackedLinear, prepare_for_decoding, restore_layout
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -556,8 +556,8 @@ def test_the_same_loop_drives_the_lstm():
 def test_fused_decode_step_gives_hugging_face_logits(layout):
     """FusedStep (what generation uses on a prepared dense GPT) against HF's full forward of each row alone:
     fp32 logits equal to 1e-5 at every step, for a left-padded batch (per-row mask and positions)."""
-    from choicelm.generation.fused_step import FusedStep
-    from choicelm.generation.weight_layout import prepare_for_decoding
+    from choicelm.models.gpt_decode import FusedStep
+    from choicelm.models.weight_layout import prepare_for_decoding
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")
@@ -587,8 +587,9 @@ def test_fused_decode_step_only_takes_models_it_computes_exactly():
     """Anything FusedStep does not compute (hooks, training mode, unprepared linears, MoE) decodes
     through the module forward, with the same tokens."""
     from choicelm.core.config import MoEConfig
-    from choicelm.generation.fused_step import FusedStep, ModuleStep, decode_step
-    from choicelm.generation.weight_layout import prepare_for_decoding
+    from choicelm.generation.step import ModuleStep, decode_step
+    from choicelm.models.gpt_decode import FusedStep
+    from choicelm.models.weight_layout import prepare_for_decoding
 
     _, model = hf_gpt2()
     assert not FusedStep.supports(model)  # plain nn.Linear: not prepared

@@ -470,8 +470,9 @@ def test_qk_norm_fused_decode_step_and_greedy_tokens(layout):
     """A prepared qk_norm GPT decodes through FusedStep: its logits equal the module forward's at every step, and
     greedy generate gives the module forward's argmax tokens."""
     from choicelm.generation import GenerationConfig, generate_ids
-    from choicelm.generation.fused_step import FusedStep, decode_step
-    from choicelm.generation.weight_layout import prepare_for_decoding
+    from choicelm.generation.step import decode_step
+    from choicelm.models.gpt_decode import FusedStep
+    from choicelm.models.weight_layout import prepare_for_decoding
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not available in this torch build")

@@ -8,8 +8,8 @@
     stopping.py    stop strings that span token boundaries
     streaming.py   token ids -> text deltas that never split a UTF-8 character
     generate.py    the batched decoding loop on a static KV cache (left padding, per-row stopping)
-    weight_layout.py  decode-friendly weight layout ([in, out] fp32, prepacked oneDNN bf16); same values
-    fused_step.py  one decode step of a dense GPT as fused oneDNN kernels (prepared models on CPU)
+    step.py        decode_step(model): the model's fast decode step (GPT: models/gpt_decode.py) or its forward
+    weight_layout.py  the old import path of models/weight_layout.py (decode-friendly weight layout)
     chat.py        the chat template and a session with history (the `chat` verb)
 """
 

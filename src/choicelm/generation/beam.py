@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .fused_step import decode_step
+from .step import decode_step
 from .processors import apply_processors
 
 NEG = -1.0e9  # "impossible" score, as in Hugging Face (not -inf: it must survive sums and topk)

@@ -21,7 +21,7 @@ import torch
 
 from ..core.errors import ChoicelmError
 from .beam import beam_search, decoder_only_step
-from .fused_step import decode_step
+from .step import decode_step
 from .options import GenerationConfig
 from .processors import apply_processors
 from .stopping import StopStrings

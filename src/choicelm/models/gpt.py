@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from ..core.config import ModelConfig, MoEConfig
 from ..core.errors import ChoicelmError
-from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, kv_cache_dtype, linear_cross_entropy,
-                     make_mlp, make_norm, rope_cos_sin)
+from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, decoder_attention_mask, kv_cache_dtype,
+                     linear_cross_entropy, make_mlp, make_norm, rope_cos_sin)
 from .moe import CAUSAL_RULES, MoE, RoutedModel
 
 
@@ -181,25 +181,9 @@ class GPT(RoutedModel, nn.Module):
         if kv_cache is not None:
             kv_cache.check(B, end)
 
-        x_BTD = self.transformer.wte(idx_BT)
-        rope = None
-        if self.config.pos == "learned":
-            pos = position_ids_BT if position_ids_BT is not None else \
-                torch.arange(start_pos, end, dtype=torch.long, device=idx_BT.device)
-            x_BTD = x_BTD + self.transformer.wpe(pos)
-        elif position_ids_BT is not None:  # per-row tables [B, 1, T, Q] broadcast over heads
-            rope = (self.rope_cos[position_ids_BT][:, None], self.rope_sin[position_ids_BT][:, None])
-        else:
-            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
+        x_BTD, rope = self.embed(idx_BT, start_pos, position_ids_BT)
         x_BTD = self.transformer.drop(x_BTD)
-        attn_mask = None
-        if attention_mask_BS is not None:
-            # causal & not padding; each query also keeps its own key, so a padding row is never all-masked
-            # (its NaN would reach real rows through the cache as 0 * NaN)
-            q_T1 = torch.arange(start_pos, end, device=idx_BT.device)[:, None]
-            k_1S = torch.arange(end, device=idx_BT.device)[None, :]
-            attn_mask = ((k_1S <= q_T1) & attention_mask_BS.to(torch.bool)[:, None, :]) | (k_1S == q_T1)
-            attn_mask = attn_mask[:, None]  # [B, 1, T, S]
+        attn_mask = None if attention_mask_BS is None else decoder_attention_mask(attention_mask_BS, start_pos, end)
         moe_outs: dict = {}  # layer -> MoEOutput: aux losses and routing stats travel in the output
         moe_kw = {}
         if self.moe_config is not None:
@@ -223,6 +207,32 @@ class GPT(RoutedModel, nn.Module):
         elif targets_BT is not None:
             loss = linear_cross_entropy(x_BTD.reshape(B * T, -1), self.lm_head.weight, targets_BT, loss_reduction)
         return ModelOutput(logits=logits, loss=loss, **self.moe_output_fields(moe_outs))
+
+    def embed(self, idx_BT: torch.Tensor, start_pos: int = 0, position_ids_BT: torch.Tensor | None = None):
+        """Token embeddings [B, T, D] (+ learned positions) and the rotary tables of the positions (rope layout;
+        else None): (cos, sin) [T, Q], or per row [B, 1, T, Q] given position_ids_BT, broadcast over heads."""
+        x_BTD = self.transformer.wte(idx_BT)
+        rope = None
+        if self.config.pos == "learned":
+            pos = position_ids_BT if position_ids_BT is not None else \
+                torch.arange(start_pos, start_pos + idx_BT.shape[1], dtype=torch.long, device=idx_BT.device)
+            x_BTD = x_BTD + self.transformer.wpe(pos)
+        elif position_ids_BT is not None:
+            rope = (self.rope_cos[position_ids_BT][:, None], self.rope_sin[position_ids_BT][:, None])
+        else:
+            rope = (self.rope_cos[start_pos:start_pos + idx_BT.shape[1]],
+                    self.rope_sin[start_pos:start_pos + idx_BT.shape[1]])
+        return x_BTD, rope
+
+    def fast_decode_step(self):
+        """The fused decode step of this model (models/gpt_decode.py: one token per row as a flat run of oneDNN
+        kernels, the module forward's logits), or None when it does not compute this model exactly (its rule:
+        FusedStep.supports); generation then decodes through forward. Build one per generation call."""
+        from .gpt_decode import FusedStep
+
+        if type(self).forward is not GPT.forward:  # a subclass with its own forward: the step mirrors this one
+            return None
+        return FusedStep(self) if FusedStep.supports(self) else None
 
     def add_classifier(self, n_labels: int) -> "GPT":
         """Turn a (pretrained) language model into a classifier of n_labels classes for fine-tuning: a fresh

@@ -5,7 +5,11 @@
     apply_rope
     SelfAttention      fused qkv projection + F.scaled_dot_product_attention; causal or not,
                        grouped-query attention, optional key-padding mask, static KV cache
+    decoder_attention_mask
+                       the decoder's one mask rule: causal, padding hidden, each query keeps its own key
     MLP / SwiGLU       GPT-2 MLP (GELU, tanh approximation = HF `gelu_new`) and the Llama gated MLP
+    ACTIVATIONS        the MLP activations: the torch function and the same function as a oneDNN post-op
+                       (what models/gpt_decode.py fuses into the up projection)
     KVCache            preallocated keys/values for incremental decoding
     linear_cross_entropy
                        cross-entropy of `h @ W.T` computed in row groups and cache-sized slices: no
@@ -20,6 +24,7 @@ K key/value heads, D model width, Q head size, V vocabulary, N = B*T rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -135,6 +140,13 @@ class KVCache:
         self.k.zero_()
         self.v.zero_()
 
+    def rows(self, n: int) -> "KVCache":
+        """The first n sequences of this cache as a KVCache of batch n that shares its memory: a forward on
+        n rows writes into this cache (the server runs only its occupied rows)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
+
     def check(self, batch_size: int, end: int) -> None:
         if batch_size != self.batch_size:
             raise ChoicelmError(f"the KV cache holds {self.batch_size} sequences but the input has {batch_size}; "
@@ -145,6 +157,18 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- attention
+
+
+def decoder_attention_mask(attention_mask_BS: torch.Tensor, start_pos: int, end: int) -> torch.Tensor:
+    """The decoder's attention mask, bool [B, 1, T, S] (True = attend), for queries start_pos..end-1 over keys
+    0..end-1 (S = end), from a padding mask [B, S] (1 = real token, 0 = padding): causal and not padding; each query
+    also keeps its own key, so a padding row is never all-masked (its NaN would reach real rows through the
+    cache as 0 * NaN). The one rule of GPT.forward and its fast decode step (models/gpt_decode.py)."""
+    device = attention_mask_BS.device
+    q_T1 = torch.arange(start_pos, end, device=device)[:, None]
+    k_1S = torch.arange(end, device=device)[None, :]
+    mask_BTS = ((k_1S <= q_T1) & attention_mask_BS.to(torch.bool)[:, None, :]) | (k_1S == q_T1)
+    return mask_BTS[:, None]
 
 
 class SelfAttention(nn.Module):
@@ -192,12 +216,27 @@ class SelfAttention(nn.Module):
         q_BHTQ = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k_BKTQ = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v_BKTQ = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q_BHTQ, k_BKTQ = self.rotate(q_BHTQ, k_BKTQ, rope)
+        y_BTD = self.attend(q_BHTQ, k_BKTQ, v_BKTQ, kv=kv, start_pos=start_pos, key_padding_mask=key_padding_mask,
+                            attn_mask=attn_mask)
+        return self.resid_dropout(self.c_proj(y_BTD))
+
+    def rotate(self, q_BHTQ: torch.Tensor, k_BKTQ: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query/key norms (config.qk_norm), then rotary positions (rope, or None): both before the cache."""
         if self.q_norm is not None:
             q_BHTQ, k_BKTQ = self.q_norm(q_BHTQ), self.k_norm(k_BKTQ)
         if rope is not None:
             q_BHTQ = apply_rope(q_BHTQ, *rope)
             k_BKTQ = apply_rope(k_BKTQ, *rope)
+        return q_BHTQ, k_BKTQ
 
+    def attend(self, q_BHTQ: torch.Tensor, k_BKTQ: torch.Tensor, v_BKTQ: torch.Tensor, *,
+               kv: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
+               key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' new keys/values into the cache (kv), then attention over it: [B, T, H*Q] in the queries'
+        dtype, before c_proj. The arguments are forward's (the fast decode step calls this too)."""
+        B, T = q_BHTQ.shape[0], q_BHTQ.shape[2]
         out_dtype = q_BHTQ.dtype
         if kv is not None:
             k_cache, v_cache = kv
@@ -212,13 +251,13 @@ class SelfAttention(nn.Module):
         mask = None
         is_causal = self.causal and T > 1 and S == T
         if self.causal and T > 1 and S != T:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTQ.device).tril(diagonal=S - T)
         if attn_mask is not None:
             mask, is_causal = attn_mask, False
         elif key_padding_mask is not None:
             pad_B11S = key_padding_mask.to(torch.bool)[:, None, None, :]
             if is_causal:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril()
+                mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTQ.device).tril()
                 is_causal = False
             mask = pad_B11S if mask is None else mask & pad_B11S
 
@@ -228,8 +267,7 @@ class SelfAttention(nn.Module):
         else:
             y_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BKTQ, v_BKTQ, attn_mask=mask, is_causal=is_causal,
                                                     dropout_p=dropout_p, enable_gqa=self.n_kv_head != self.n_head)
-        y_BTD = y_BHTQ.to(out_dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.c_proj(y_BTD))
+        return y_BHTQ.to(out_dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 # Up to this many attention scores (B * H * T * S), bf16/fp16 attention on CPU runs as plain matmuls: ~1.7x faster
@@ -264,6 +302,33 @@ CausalSelfAttention = SelfAttention  # the decoder's name for it; SelfAttention(
 # ----------------------------------------------------------------------------- MLPs
 
 
+@dataclass(frozen=True)
+class Activation:
+    """An MLP activation: the torch function, and the same function as a oneDNN linear post-op (name, algorithm)
+    for the fused decode step (None: it has none, and models using it decode through the module forward)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    onednn: tuple[str, str] | None
+
+
+# model.mlp -> the activation of a non-gated MLP; "silu" is also SwiGLU's gate. The tanh GELU is HF `gelu_new`.
+ACTIVATIONS = {
+    "gelu": Activation(lambda h: F.gelu(h, approximate="tanh"), ("gelu", "tanh")),
+    "silu": Activation(F.silu, ("swish", "")),
+}
+
+
+def activation(h: torch.Tensor, mlp: str) -> torch.Tensor:
+    """model.mlp's activation (ACTIVATIONS[mlp_activation(mlp)]) applied to h."""
+    return ACTIVATIONS[mlp_activation(mlp)].fn(h)
+
+
+def mlp_activation(mlp: str) -> str:
+    """The ACTIVATIONS key of model.mlp's activation: SwiGLU gates with silu; a non-gated MLP uses silu for
+    "silu", else the tanh GELU (GPT-2)."""
+    return "silu" if mlp in ("silu", "swiglu") else "gelu"
+
+
 class MLP(nn.Module):
     """GPT-2 MLP: c_proj(gelu_tanh(c_fc(x))). F.gelu(approximate="tanh") == HF `gelu_new` to rounding.
     With mlp=silu the activation is silu (Marian's `swish`): c_proj(silu(c_fc(x)))."""
@@ -280,11 +345,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(activation(self.c_fc(x_BTD), self.act)))
 
 
-def activation(h: torch.Tensor, mlp: str) -> torch.Tensor:
-    """The non-gated MLP activation of model.mlp: silu for "silu", else the tanh GELU."""
-    return F.silu(h) if mlp == "silu" else F.gelu(h, approximate="tanh")
-
-
 class SwiGLU(nn.Module):
     """Llama MLP: down_proj(silu(gate_proj(x)) * up_proj(x)); names match Hugging Face Llama."""
 
@@ -297,7 +357,7 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)))
+        return self.dropout(self.down_proj(activation(self.gate_proj(x_BTD), "swiglu") * self.up_proj(x_BTD)))
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:

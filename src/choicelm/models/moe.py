@@ -103,7 +103,7 @@ class Experts(nn.Module):
         h = x @ w_in
         if self.act == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = activation(gate, "swiglu") * up
         else:
             h = activation(h, self.act)
         return h @ w_out

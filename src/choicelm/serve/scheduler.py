@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import ChoicelmError
-from ..generation.fused_step import decode_step
+from ..generation.step import decode_step
 from ..generation.options import GenerationConfig
 from ..generation.processors import apply_processors
 from ..generation.stopping import StopStrings
@@ -233,8 +233,7 @@ class Scheduler:
         tok_B = torch.tensor([s.pending for s in self.rows], dtype=torch.long, device=self.device)
         start_B = torch.tensor([s.start for s in self.rows], device=self.device)
         mask_BS = torch.arange(cur + 1, device=self.device)[None, :] >= start_B[:, None]
-        view = _CacheRows(self.cache, B)
-        logits_BV = self.decode(tok_B, view, cur, mask_BS, cur - start_B)
+        logits_BV = self.decode(tok_B, self.cache.rows(B), cur, mask_BS, cur - start_B)  # the running rows
         self.cur += 1
         plain = [b for b, s in enumerate(self.rows) if s.greedy and not s.procs and not s.penalized]
         tokens = [0] * B
@@ -317,17 +316,3 @@ class Scheduler:
         self.cur += d
         self.counters["shifts"] += 1
 
-
-class _CacheRows:
-    """The first B rows of a KVCache (views, so the model's writes land in the big cache)."""
-
-    def __init__(self, cache, B: int):
-        self.k, self.v = cache.k[:, :B], cache.v[:, :B]
-        self.batch_size, self.max_len = B, cache.max_len
-
-    def layer(self, i: int):
-        return self.k[i], self.v[i]
-
-    def check(self, batch_size: int, end: int) -> None:
-        if batch_size != self.batch_size or end > self.max_len:
-            raise ChoicelmError(f"internal: cache rows {self.batch_size}x{self.max_len} cannot hold {batch_size}x{end}")
