@@ -212,14 +212,6 @@ def test_models_the_step_does_not_compute_decode_through_the_module_forward(case
             torch.testing.assert_close(got, model(ids_BT).logits[:, -1], atol=1e-5, rtol=0)
 
 
-def test_the_old_weight_layout_path_is_the_same_module():
-    from choicelm.generation import weight_layout as old
-    from choicelm.models import weight_layout as new
-
-    assert old.prepare_for_decoding is new.prepare_for_decoding and old.restore_layout is new.restore_layout
-    assert old.PackedLinear is new.PackedLinear
-
-
 def test_kv_cache_rows_share_the_cache_memory():
     """cache.rows(n) is the first n sequences as a KVCache (what the server decodes its running rows on)."""
     cache = KVCache(2, 4, 2, 8, 3)

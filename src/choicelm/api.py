@@ -15,7 +15,7 @@ from .core.errors import ChoicelmError
 from .core.runtime import pick_device
 from .data.tasks import ClassificationDataset, classification_ids, decoder_start_id, source_ids
 from .generation import GenerationConfig, generate_text, stream_text
-from .generation.weight_layout import prepare_for_decoding
+from .models.weight_layout import prepare_for_decoding
 from .models import build_model, padding_mask
 from .tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ class LanguageModel:
 
 def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> LanguageModel:
     """Load a run directory (its newest complete checkpoint) or one step-XXXXXXXX directory, in eval mode,
-    with its weights in the decode-friendly layout (generation/weight_layout.py: same values, faster decoding).
+    with its weights in the decode-friendly layout (models/weight_layout.py: same values, faster decoding).
     dtype: None keeps the stored precision; "bf16" halves the bytes read per token (faster decoding on CPUs
     with bf16 support, logits rounded to bf16); "fp32"."""
     dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}

@@ -9,7 +9,6 @@
     streaming.py   token ids -> text deltas that never split a UTF-8 character
     generate.py    the batched decoding loop on a static KV cache (left padding, per-row stopping)
     step.py        decode_step(model): the model's fast decode step (GPT: models/gpt_decode.py) or its forward
-    weight_layout.py  the old import path of models/weight_layout.py (decode-friendly weight layout)
     chat.py        the chat template and a session with history (the `chat` verb)
 """
 
