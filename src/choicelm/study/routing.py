@@ -98,13 +98,12 @@ def _user_overrides(overrides) -> dict:
 def _resolve_widths(train: dict, h: int) -> dict:
     out = dict(train)
     for key, value in train.items():
-        if value == "h":
-            out[key] = h
-        elif value == "h/2":
-            if h % 2:
-                raise ChoicelmError(f"the base MLP width h={h} is odd, so an expert of width h/2 cannot match it; "
-                                    "set an even --model.mlp_hidden")
-            out[key] = h // 2
+        if isinstance(value, str) and (value == "h" or value.startswith("h/")):
+            parts = 1 if value == "h" else int(value[2:])
+            if h % parts:
+                raise ChoicelmError(f"the base MLP width h={h} is not divisible by {parts}, so an expert of width "
+                                    f"{value} cannot match it; set --model.mlp_hidden to a multiple of {parts}")
+            out[key] = h // parts
     return out
 
 
