@@ -48,6 +48,19 @@ ARMS: dict[str, Arm] = {
 }
 
 
+def moe_overrides(arm: str, h: int) -> dict:
+    """The arm's moe.* overrides with the widths "h" and "h/N" resolved against the base MLP width h."""
+    out = dict(ARMS[arm].train)
+    for key, value in out.items():
+        if isinstance(value, str) and (value == "h" or value.startswith("h/")):
+            parts = 1 if value == "h" else int(value[2:])
+            if h % parts:
+                raise ChoicelmError(f"the base MLP width h={h} is not divisible by {parts}, so an expert of width "
+                                    f"{value} cannot match it; set --model.mlp_hidden to a multiple of {parts}")
+            out[key] = h // parts
+    return out
+
+
 def recipe_of(arm: str) -> str:
     """The training run an arm is read from: the first arm (in ARMS order) with the same training overrides."""
     train = ARMS[arm].train

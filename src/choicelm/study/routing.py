@@ -53,7 +53,7 @@ from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import TokenDataset, eval_batches
 from ..models.moe import CAUSAL_RULES, summarize_stats, thresholds_frozen
 from ..train.loop import Trainer, pretrain, pretraining_inputs
-from .arms import ARMS, parse_arms, recipe_of
+from .arms import ARMS, moe_overrides, parse_arms, recipe_of
 from .report import CURVES_FILE, _read_csv, _write_csv, collect_rows, curve_column, write_outputs
 
 
@@ -95,24 +95,12 @@ def _user_overrides(overrides) -> dict:
     return extra
 
 
-def _resolve_widths(train: dict, h: int) -> dict:
-    out = dict(train)
-    for key, value in train.items():
-        if isinstance(value, str) and (value == "h" or value.startswith("h/")):
-            parts = 1 if value == "h" else int(value[2:])
-            if h % parts:
-                raise ChoicelmError(f"the base MLP width h={h} is not divisible by {parts}, so an expert of width "
-                                    f"{value} cannot match it; set --model.mlp_hidden to a multiple of {parts}")
-            out[key] = h // parts
-    return out
-
-
 def arm_config(base: dict, user: dict, data_dir: Path, arm: str, *, seed: int, max_steps: int,
                defaults: dict | None = None) -> Config:
     """base <- the study's train defaults <- the arm's moe overrides <- the user's overrides (never moe.* for the
     dense arm: nothing MoE-only changes it) <- data, seed and budget (owned by the study)."""
     h = Config.from_dict(merge(base, _drop_moe(user))).model.hidden_size
-    extra = merge({"train": dict(defaults or {})}, {"moe": _resolve_widths(ARMS[arm].train, h)})
+    extra = merge({"train": dict(defaults or {})}, {"moe": moe_overrides(arm, h)})
     extra = merge(extra, _drop_moe(user) if ARMS[arm].routing is None else user)
     extra = merge(extra, {"data": {"path": str(data_dir)},
                           "train": {"seed": seed, "max_steps": max_steps, "max_tokens": 0, "max_time": 0.0}})
