@@ -11,9 +11,9 @@ GPT-2, Llama, Mixtral; bert_hf.py: BERT; seq2seq_hf.py: Marian), found through t
     choicelm.load("ckpt/gpt2")             # ... which loads like any step directory
     to_hf("runs/x", "hf/x")                # a run or step folder -> a folder transformers loads as is
 
-Both directions read and write files only: transformers is not needed to convert. Here: config.json, the
-weights (model.safetensors, sharded safetensors with their index, or pytorch_model.bin read with
-weights_only=True), the tokenizer files, source.json and labels.json, and the checks that span them
+Both directions read and write files only: transformers is not needed to convert. Here: config.json (which must
+be a JSON object), the weights (model.safetensors, sharded safetensors with their index, or pytorch_model.bin
+read with weights_only=True), the tokenizer files, source.json and labels.json, and the checks that span them
 (the tokenizer fits the embeddings; an encoder-decoder starts and ends decoding with config.json's ids).
 
 Marian's tokenizer is SentencePiece without tokenizer.json, which choicelm cannot read: pass a tokenizer.json
@@ -157,7 +157,11 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         if (hf_dir / single).is_file():
             files = [hf_dir / single]
         elif (hf_dir / index_name).is_file():
-            weight_map = json.loads((hf_dir / index_name).read_text())["weight_map"]
+            index = _read_json(hf_dir / index_name, "a sharded checkpoint needs its index")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConversionError(f"{hf_dir / index_name} has no weight_map object naming the file of each "
+                                      f"tensor; is it a Hugging Face index file?")
             files = [hf_dir / f for f in sorted(set(weight_map.values()))]
         else:
             continue
@@ -400,12 +404,28 @@ def _existing_dir(path, what: str) -> Path:
 
 
 def _read_json(file: Path, hint: str) -> dict:
+    """A JSON object from `file` (config.json, an index), or one ConversionError line saying what is wrong."""
     if not file.is_file():
         raise ConversionError(f"{file} does not exist; {hint}")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); a Hugging Face folder's "
+                              f"JSON files are UTF-8") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError
         raise ConversionError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConversionError(f"{file} is nested too deeply to be a Hugging Face config") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{file} holds a JSON {_json_type(value)} where a JSON object {{...}} belongs; "
+                              f"is it the right file?")
+    return value
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def _check_out(out, overwrite: bool, sources: list[Path]) -> Path:
