@@ -372,6 +372,14 @@ def test_import_refuses_a_config_json_that_is_not_a_json_object_in_one_line(tmp_
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("names", [{"architectures": "GPT2LMHeadModel"}, {"architectures": {"0": "GPT2LMHeadModel"}},
+                                   {"architectures": [["GPT2LMHeadModel"]]}, {"model_type": ["gpt2"]}])
+def test_import_refuses_architectures_that_name_no_class(tmp_path, small_tokenizer, names):
+    src = _hf_dir_with(tmp_path, small_tokenizer, lambda c: (c.pop("architectures"), c.update(names)))
+    with pytest.raises(ConversionError, match="do not name a model class; expected e.g."):
+        from_hf(src, tmp_path / "ck")
+
+
 def test_import_refuses_a_sharded_index_without_a_weight_map(tmp_path, small_tokenizer):
     src = save_hf(gpt2_hf(), tmp_path / "hf", small_tokenizer)
     (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")

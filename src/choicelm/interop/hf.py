@@ -58,9 +58,13 @@ EXPORTABLE = registry.hf_exports()       # what to_hf writes
 
 def architecture(hf_config: dict) -> str:
     """One of SUPPORTED, from config.json's architectures (or model_type: bert alone reads as BertModel)."""
-    archs = hf_config.get("architectures") or []
-    arch = archs[0] if archs else registry.hf_model_type(hf_config.get("model_type", ""))
-    registry.hf_adapter_for(arch or hf_config.get("model_type") or "no architectures or model_type")  # or refuse
+    archs, model_type = hf_config.get("architectures") or [], hf_config.get("model_type") or ""
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs) or not isinstance(model_type, str):
+        raise ConversionError(f"config.json's architectures={archs!r}, model_type={model_type!r} do not name a "
+                              f"model class; expected e.g. \"architectures\": [\"GPT2LMHeadModel\"], "
+                              f"\"model_type\": \"gpt2\"")
+    arch = archs[0] if archs else registry.hf_model_type(model_type)
+    registry.hf_adapter_for(arch or model_type or "no architectures or model_type")  # or refuse
     return arch
 
 
