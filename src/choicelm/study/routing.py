@@ -51,6 +51,7 @@ from ..core.errors import ChoicelmError
 from ..core.run_dir import read_metrics
 from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import TokenDataset, eval_batches
+from ..models import registry
 from ..models.moe import CAUSAL_RULES, summarize_stats, thresholds_frozen
 from ..train.loop import Trainer, pretrain, pretraining_inputs
 from .arms import ARMS, moe_overrides, parse_arms, recipe_of
@@ -346,8 +347,11 @@ def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: flo
     base, config_name = _base_raw(config)
     user = _user_overrides(overrides)
     dense_cfg = arm_config(base, user, data_dir, "dense", seed=1, max_steps=1)  # validates the overrides early
-    if dense_cfg.model.kind != "gpt":
-        raise ChoicelmError(f"a routing study needs a GPT base config (model.kind=gpt), got {dense_cfg.model.kind}")
+    spec = registry.get(dense_cfg.model.kind)
+    if not (spec.moe and spec.generates):  # the study compares a decoder's routing rules (causality included)
+        decoders = [s.kind for s in registry.SPECS.values() if s.moe and s.generates]
+        raise ChoicelmError(f"a routing study needs a decoder base config that takes MoE layers (model.kind="
+                            f"{' or '.join(decoders)}), got {dense_cfg.model.kind}")
     if "val" not in TokenDataset(data_dir, "train").manifest["splits"]:
         raise ChoicelmError(f"--data {data_dir} has no validation split; prepare it with --val-files or --val-fraction")
     for arm in arms:  # every arm's config must be valid before anything trains
