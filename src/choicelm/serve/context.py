@@ -1,0 +1,27 @@
+"""What every route needs to know about the server: the model, its scheduler, its name and limits."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .scheduler import Scheduler
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeContext:
+    lm: object  # a choicelm.api.LanguageModel
+    scheduler: Scheduler
+    name: str  # the model id clients send
+    api_key: str | None
+    max_batch: int
+    static: Path = STATIC
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.block = self.lm.model.config.block_size
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "choicelm",
+                "max_model_len": self.block}
