@@ -1,4 +1,7 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, Starlette's own 404/405s included."""
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, whatever fails, including
+Starlette's own 404/405s and our bugs (a 500 that still reads as an OpenAI error)."""
+
+import traceback
 
 
 class APIError(Exception):
@@ -28,8 +31,22 @@ async def _http_error(request, exc):
     return APIError(exc.status_code, str(exc.detail), None, None).response()
 
 
+async def _validation_error(request, exc):
+    return APIError(400, f"the request is not valid: {exc.errors()!s:.300}", None, "invalid_value").response()
+
+
+async def _server_error(request, exc: Exception):
+    """A bug: logged with its traceback, answered as an OpenAI error rather than a bare text 500."""
+    traceback.print_exception(exc)
+    return APIError(500, f"internal server error ({type(exc).__name__}); this is a bug in choicelm", None,
+                    "internal_error", "server_error").response()
+
+
 def install_error_handlers(app) -> None:
+    from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _server_error)

@@ -8,6 +8,7 @@ request becomes generation options.
 
 import json
 import math
+import re
 
 from .errors import APIError
 
@@ -20,20 +21,62 @@ CHAT_FIELDS = set(COMMON) | {"messages", "max_completion_tokens", "logprobs", "t
 OFF_VALUES = {"best_of": (None, 1), "suffix": (None, ""),
               "response_format": (None, {"type": "text"})}
 
+MAX_DEPTH = 32  # an OpenAI body nests 4 deep (messages[i].content[j].text); anything far deeper is an attack
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 # ----------------------------------------------------------------------------- the body
 
 
 def parse_body(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 that says what is wrong."""
+    """The request body as a JSON object whose text is valid Unicode, or a 400 that says what is wrong."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object", None,
+    except RecursionError:
+        raise APIError(400, f"the request body nests too deeply; at most {MAX_DEPTH} levels are accepted", None,
+                       "invalid_json") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer of more than 4,300 digits
+        raise APIError(400, f"the request body is not valid JSON ({str(e)[:200]}); send a JSON object", None,
                        "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict) -> None:
+    """No nesting beyond MAX_DEPTH and no lone surrogate (a \\ud800 escape: not Unicode, and nothing downstream
+    can encode it) in any key or string. Iterative: a deep body cannot exhaust the stack here."""
+    stack = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"the request body nests too deeply at {path}; at most {MAX_DEPTH} levels are "
+                                "accepted", path.split("[")[0].split(".")[0] or None, "invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                if _SURROGATE.search(key):
+                    _surrogate(path or None, key)
+                stack.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            _surrogate(path, value)
+
+
+def _surrogate(path: str | None, text: str):
+    found = _SURROGATE.search(text)
+    shown = f"\\u{ord(found.group()):04x}"
+    where = f"{path}" if path else "a field name"
+    raise APIError(400, f"{where} contains a lone surrogate ({shown} at character {found.start()}), which is not "
+                        "valid Unicode; send UTF-8 text", path, "invalid_value")
+
+
+def _show(value) -> str:
+    """A value for an error message, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ----------------------------------------------------------------------------- fields
@@ -43,12 +86,18 @@ def _number(body: dict, name: str, low: float, high: float, default):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{name} must be a number, got {json.dumps(value)}", name, "invalid_type")
-    if not low <= value <= high:
-        raise APIError(400, f"{name}={value} is out of range; it must be between {low} and {high}", name,
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(400, f"{name} must be a number, got {_show(value)}", name, "invalid_type")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        raise APIError(400, f"{name} must be a finite number, got {_show(value)}", name, "invalid_value")
+    if not low <= number <= high:
+        raise APIError(400, f"{name}={_show(value)} is out of range; it must be between {low} and {high}", name,
                        "invalid_value")
-    return float(value)
+    return number
 
 
 def _integer(body: dict, name: str, low: int, high: int | None, default):
@@ -56,10 +105,10 @@ def _integer(body: dict, name: str, low: int, high: int | None, default):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name} must be an integer, got {json.dumps(value)}", name, "invalid_type")
+        raise APIError(400, f"{name} must be an integer, got {_show(value)}", name, "invalid_type")
     if value < low or (high is not None and value > high):
         limit = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise APIError(400, f"{name}={value} is out of range; it must be {limit}", name, "invalid_value")
+        raise APIError(400, f"{name}={_show(value)} is out of range; it must be {limit}", name, "invalid_value")
     return value
 
 
@@ -68,7 +117,7 @@ def _bool(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise APIError(400, f"{name} must be true or false, got {json.dumps(value)}", name, "invalid_type")
+        raise APIError(400, f"{name} must be true or false, got {_show(value)}", name, "invalid_type")
     return value
 
 
@@ -89,10 +138,10 @@ def refuse_unsupported(body: dict, allowed: set[str]) -> None:
         if name not in allowed:
             if value is None:
                 continue
-            raise APIError(400, f"{name} is not supported by this server (choicelm); remove it from the request",
+            raise APIError(400, f"{name[:100]} is not supported by this server (choicelm); remove it from the request",
                            name, "unsupported_parameter")
         if name in OFF_VALUES and value not in OFF_VALUES[name]:
-            raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server (choicelm); leave it "
+            raise APIError(400, f"{name}={_show(value)} is not supported by this server (choicelm); leave it "
                                 f"unset (only {json.dumps(OFF_VALUES[name][1])} is accepted)", name,
                            "unsupported_parameter")
 
@@ -146,7 +195,7 @@ def check_model(model_id, name: str) -> None:
     if not isinstance(model_id, str):
         raise APIError(400, "model must be a string", "model", "invalid_type")
     if model_id != name:
-        raise APIError(404, f"the model {model_id!r} does not exist; this server serves {name!r}", "model",
+        raise APIError(404, f"the model {model_id[:100]!r} does not exist; this server serves {name!r}", "model",
                        "model_not_found")
 
 
@@ -219,7 +268,7 @@ def chat_messages(messages) -> list[dict]:
                            "invalid_type")
         extra = sorted(k for k, v in m.items() if k not in ("role", "content", "name") and v is not None)
         if extra:
-            raise APIError(400, f"messages[{i}].{extra[0]} is not supported by this server (choicelm)",
+            raise APIError(400, f"messages[{i}].{extra[0][:100]} is not supported by this server (choicelm)",
                            f"messages[{i}].{extra[0]}", "unsupported_parameter")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
@@ -236,7 +285,7 @@ def chat_messages(messages) -> list[dict]:
         elif role in ("user", "assistant"):
             turns.append({"role": role, "content": content})
         else:
-            raise APIError(400, f"messages[{i}].role={role!r} is not supported; use system, user or assistant",
+            raise APIError(400, f"messages[{i}].role={role[:100]!r} is not supported; use system, user or assistant",
                            f"messages[{i}].role", "invalid_value")
     if messages[-1].get("role") != "user":
         raise APIError(400, "the last message must come from the user", "messages", "invalid_value")

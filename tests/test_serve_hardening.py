@@ -1,0 +1,130 @@
+"""The server under abuse (issue 18's server items, one section each): real uvicorn servers, configured as
+`choicelm serve` configures them, on free 127.0.0.1 ports, driven by raw HTTP (sockets where a client would hide
+what is sent) and the `openai` client."""
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+import choicelm
+
+from test_serve import KEY, httpx, make_checkpoint, running_server, wait_until
+
+OK = {"model": "run", "prompt": "the ", "max_tokens": 3, "temperature": 0}
+CHAT = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("hardening"), dict(block_size=64, n_layer=1, n_head=2, n_embd=32),
+                           steps=40)
+
+
+@pytest.fixture(scope="module")
+def lm(run):
+    return choicelm.load(run, "cpu")
+
+
+class EncodeSpy:
+    """Wraps lm.tokenizer.encode: records each call's text length and whether it ran on the event loop's thread."""
+
+    def __init__(self, tokenizer):
+        self.calls, self.inner = [], tokenizer.encode
+        tokenizer.encode = self
+
+    def __call__(self, text, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.calls.append((len(text), on_loop))
+        return self.inner(text, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def open_server(run):
+    """No API key, bound to 127.0.0.1 (the Host check is on), a small body limit, a short queue and short timeouts."""
+    served = choicelm.load(run, "cpu")
+    spy = EncodeSpy(served.tokenizer)
+    with running_server(served) as url:
+        yield url, spy
+
+
+def post(url, path, body, headers=JSON, **kw):
+    content = json.dumps(body) if isinstance(body, (dict, list)) else body  # str, bytes or an iterator of bytes
+    return httpx.post(url + path, content=content, headers=headers, timeout=60, **kw)
+
+
+def error(resp, status, code=None, param=None, says=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    if says is not None:
+        assert says in err["message"], err
+    return err
+
+
+def serves(url, headers=JSON):
+    r = post(url, "/v1/completions", OK, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+# ----------------------------------------------------------------------------- 12: 500s that are 400s
+
+
+@pytest.mark.parametrize("path, raw, param, says", [
+    ("/v1/completions", '{"model": "run", "prompt": "a\\ud800b", "max_tokens": 3}', "prompt", "lone surrogate"),
+    ("/v1/completions", '{"model": "run", "prompt": ["ok", "\\udfff"], "max_tokens": 3}', "prompt[1]",
+     "lone surrogate"),
+    ("/v1/chat/completions", '{"model": "run", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+     "messages[0].content", "lone surrogate"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "a"}', "model", "lone surrogate"),
+    ("/v1/completions", '{"model": "run", "prompt": "a", "\\ud800": 1}', None, "lone surrogate"),
+    ("/v1/completions", '{"model": "run", "prompt": "a", "temperature": 1' + "0" * 400 + '}', "temperature",
+     "finite"),
+    ("/v1/completions", '{"model": "run", "prompt": "a", "top_p": -1' + "0" * 400 + '}', "top_p", "finite"),
+    ("/v1/completions", '{"model": "run", "prompt": "a", "max_tokens": 1' + "0" * 5000 + '}', None, "not valid JSON"),
+    ("/v1/completions", '{"model": "run", "prompt": ' + "[" * 100_000 + "]" * 100_000 + '}', None, "nests too deeply"),
+    ("/v1/completions", '{"model": "run", "prompt": "a", "user": ' + '{"a": ' * 40 + '1' + '}' * 40 + '}', "user",
+     "nests too deeply"),
+], ids=["surrogate-prompt", "surrogate-prompt-list", "surrogate-chat", "surrogate-model", "surrogate-key",
+        "int-1e400-temperature", "int-minus-1e400-top-p", "int-5001-digits", "nested-100000", "nested-40"])
+def test_inputs_that_crashed_the_server_are_400s(open_server, path, raw, param, says):
+    url, _ = open_server
+    error(post(url, path, raw), 400, param=param, says=says)
+    serves(url)
+
+
+def test_a_surrogate_pair_escape_is_valid_text(open_server):
+    url, _ = open_server
+    r = post(url, "/v1/completions", '{"model": "run", "prompt": "\\ud83d\\ude00", "max_tokens": 2}')  # one emoji
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] >= 1
+
+
+def test_every_error_is_openai_shaped(open_server, monkeypatch):
+    from choicelm.serve.scheduler import Scheduler
+
+    url, _ = open_server
+    error(httpx.get(url + "/v2/nothing"), 404)
+    error(httpx.get(url + "/v1/completions"), 405)
+    error(httpx.get(url + "/static/nothing.js"), 404, "not_found")
+
+    def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Scheduler, "stats", broken)  # even a bug answers in OpenAI's shape
+    error(httpx.get(url + "/health"), 500, "internal_error", says="RuntimeError")
