@@ -7,7 +7,8 @@ import uuid
 from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import FileResponse
 
-from ..generation.chat import TURN_STOP, chat_prompt
+from ..core.errors import ChoicelmError
+from ..generation.chat import TURN_STOP, chat_prompt_ids
 from . import openai
 from .errors import APIError
 from .formats import ChatFormat, CompletionFormat
@@ -82,7 +83,11 @@ async def chat_completions(http: HTTPRequest):
     openai.check_model(body.get("model"), ctx.name)
     opts = openai.Options(body, ctx.max_batch)
     logprobs = openai.chat_logprobs(body, opts.stream)
-    prompt = ctx.lm.tokenizer.encode(chat_prompt(ctx.lm.tokenizer, openai.chat_messages(body.get("messages"))))
+    messages = openai.chat_messages(body.get("messages"))
+    try:
+        prompt = chat_prompt_ids(ctx.lm.tokenizer, messages)  # a special token typed in a message is text
+    except ChoicelmError as e:  # the model's own template refused the conversation
+        raise APIError(400, str(e), "messages", "invalid_value") from None
     max_tokens = openai.max_tokens_for(body, len(prompt), ctx.block, None, ("max_completion_tokens", "max_tokens"))
     fmt = ChatFormat(ctx.lm.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, opts.n, logprobs)
     return await respond(http, Job(ctx, [prompt], opts, [max_tokens], opts.stop + [TURN_STOP], fmt, logprobs))
