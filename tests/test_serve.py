@@ -417,6 +417,7 @@ def test_full_queue_is_429(lm, slow_server):
                     c.completions.create(model="run", prompt="the ", max_tokens=5)
                 assert e.value.status_code == 429 and "--max-queue 1" in e.value.message
                 assert e.value.body["type"] == "rate_limit_exceeded"
+                assert int(e.value.response.headers["retry-after"]) >= 1  # a real 429 says when to retry
                 assert second.status_code == 200
         # both clients hung up mid-stream: the running row and the queue place are freed at once
         assert wait_until(lambda: (lambda h: h["running"] == 0 and h["waiting"] == 0)(http.get(url + "/health").json()))

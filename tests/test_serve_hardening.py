@@ -57,7 +57,7 @@ def open_server(run):
     """No API key, bound to 127.0.0.1 (the Host check is on), a small body limit, a short queue and short timeouts."""
     served = choicelm.load(run, "cpu")
     spy = EncodeSpy(served.tokenizer)
-    with running_server(served) as url:
+    with running_server(served, max_queue=3) as url:
         yield url, spy
 
 
@@ -130,6 +130,17 @@ def test_every_error_is_openai_shaped(open_server, monkeypatch):
 
     monkeypatch.setattr(Scheduler, "stats", broken)  # even a bug answers in OpenAI's shape
     error(httpx.get(url + "/health"), 500, "internal_error", says="RuntimeError")
+
+
+# ----------------------------------------------------------------------------- 14: prompts beyond the queue
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(open_server):
+    url, _ = open_server
+    error(post(url, "/v1/completions", {**OK, "prompt": ["a", "b", "c", "d"]}), 400, "too_many_prompts", "prompt",
+          "--max-queue")
+    r = post(url, "/v1/completions", {**OK, "prompt": ["a", "b", "c"]})  # exactly the queue: fine on an idle server
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
 
 
 # ----------------------------------------------------------------------------- 16: special tokens in user text

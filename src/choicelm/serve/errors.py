@@ -5,13 +5,14 @@ import traceback
 
 
 class APIError(Exception):
-    """A refusal: the HTTP status, a message that names the problem, the request field it concerns (param) and a
-    machine-readable code."""
+    """A refusal: the HTTP status, a message that names the problem, the request field it concerns (param), a
+    machine-readable code, and any headers the response needs (Retry-After on a 429)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -19,7 +20,7 @@ class APIError(Exception):
     def response(self):
         from fastapi.responses import JSONResponse
 
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 async def _api_error(request, exc: APIError):
@@ -28,7 +29,7 @@ async def _api_error(request, exc: APIError):
 
 async def _http_error(request, exc):
     """Starlette's 404 (no such route) and 405 (wrong method)."""
-    return APIError(exc.status_code, str(exc.detail), None, None).response()
+    return APIError(exc.status_code, str(exc.detail), None, None, headers=getattr(exc, "headers", None)).response()
 
 
 async def _validation_error(request, exc):

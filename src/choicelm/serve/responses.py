@@ -10,6 +10,8 @@ from ..core.errors import ChoicelmError
 from .errors import APIError
 from .scheduler import QueueFull, Request
 
+RETRY_AFTER_S = "1"  # a full queue drains as requests finish: seconds, not minutes
+
 
 class EventInbox:
     """Events from the scheduler thread to one request's coroutine. The loop is woken once per burst, not once per
@@ -47,6 +49,10 @@ class Job:
 
     def __init__(self, ctx, prompts: list[list[int]], opts, max_tokens: list[int], stop: list[str], fmt,
                  logprobs: int | None):
+        if len(prompts) > ctx.scheduler.max_queue:  # they all wait at once: this could never be accepted
+            raise APIError(400, f"this request has {len(prompts)} prompts, but the server queues at most "
+                                f"{ctx.scheduler.max_queue} requests (its --max-queue); send at most "
+                                f"{ctx.scheduler.max_queue} prompts per request", "prompt", "too_many_prompts")
         self.scheduler, self.opts, self.fmt = ctx.scheduler, opts, fmt
         self.total = len(prompts) * opts.n
         self.prompt_tokens = sum(len(p) for p in prompts) * opts.n
@@ -61,7 +67,8 @@ class Job:
                 self.requests.append(req)
         except QueueFull as e:
             self.cancel()
-            raise APIError(429, str(e), None, "queue_full", "rate_limit_exceeded") from None
+            raise APIError(429, str(e), None, "queue_full", "rate_limit_exceeded",
+                           headers={"Retry-After": RETRY_AFTER_S}) from None
         except ChoicelmError as e:
             self.cancel()
             raise APIError(400, str(e), None, "invalid_value") from None
