@@ -132,6 +132,40 @@ def test_every_error_is_openai_shaped(open_server, monkeypatch):
     error(httpx.get(url + "/health"), 500, "internal_error", says="RuntimeError")
 
 
+# ----------------------------------------------------------------------------- 13: a hung-up non-streaming client
+
+
+@pytest.fixture(scope="module")
+def slow_server(run):
+    """One slot, a model slowed to >= 20 ms a forward: a long request is still running when the test acts."""
+    slow = choicelm.load(run, "cpu")
+    forward = slow.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    slow.model.forward = slow_forward
+    with running_server(slow, max_batch=1, max_queue=4) as url:
+        yield url
+
+
+def test_a_non_streaming_client_that_disconnects_is_cancelled(slow_server):
+    url = slow_server
+    before = httpx.get(url + "/health").json()
+    body = json.dumps({"model": "run", "prompt": "the ", "max_tokens": 60, "temperature": 0}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: httpx.get(url + "/health").json()["running"] == 1)
+    # the client is gone: its row is freed at the next step, long before the 60 tokens it asked for
+    assert wait_until(lambda: httpx.get(url + "/health").json()["running"] == 0)
+    health = httpx.get(url + "/health").json()
+    assert health.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert health["tokens"] - before.get("tokens", 0) < 60
+
+
 # ----------------------------------------------------------------------------- 14: prompts beyond the queue
 
 

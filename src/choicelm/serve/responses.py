@@ -1,6 +1,6 @@
 """From checked prompts to an HTTP response: one scheduler Request per prompt, then the scheduler's events
-(scheduler.py) gathered into one JSON object, or sent as SSE chunks ending in [DONE]. A streaming client that goes
-away cancels its requests: their rows are freed at the scheduler's next step."""
+(scheduler.py) gathered into one JSON object, or sent as SSE chunks ending in [DONE]. A client that goes away
+cancels its requests either way: their rows are freed at the scheduler's next step."""
 
 import asyncio
 import collections
@@ -106,12 +106,30 @@ async def respond(http, job: Job):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     if not job.opts.stream:
-        try:
-            return JSONResponse(await _gather(job))
-        finally:
-            job.cancel()
+        return JSONResponse(await _until_done_or_gone(http, job))
     return StreamingResponse(_sse(job), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _until_done_or_gone(http, job: Job) -> dict:
+    """The final JSON of a non-streamed request; its requests are cancelled if the client disconnects first."""
+    work = asyncio.ensure_future(_gather(job))
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise APIError(400, "the client disconnected; the request was cancelled", None, "client_gone")
+    finally:
+        work.cancel()
+        gone.cancel()
+        job.cancel()  # a finished request is gone already; a disconnected client's rows are freed now
+
+
+async def _disconnected(http) -> None:
+    """Returns when the client closes the connection (the body has been read: nothing else can arrive)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _gather(job: Job) -> dict:
