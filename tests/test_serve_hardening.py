@@ -57,8 +57,14 @@ def open_server(run):
     """No API key, bound to 127.0.0.1 (the Host check is on), a small body limit, a short queue and short timeouts."""
     served = choicelm.load(run, "cpu")
     spy = EncodeSpy(served.tokenizer)
-    with running_server(served, max_queue=3) as url:
+    with running_server(served, host="127.0.0.1", max_queue=3) as url:
         yield url, spy
+
+
+@pytest.fixture(scope="module")
+def keyed_server(run):
+    with running_server(choicelm.load(run, "cpu"), api_key=KEY, host="127.0.0.1") as url:
+        yield url
 
 
 def post(url, path, body, headers=JSON, **kw):
@@ -175,6 +181,75 @@ def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(open_server):
           "--max-queue")
     r = post(url, "/v1/completions", {**OK, "prompt": ["a", "b", "c"]})  # exactly the queue: fine on an idle server
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
+# ----------------------------------------------------------------------------- 15: content type, Host, API key
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                   "application/jsonx", "text/json"])
+def test_post_bodies_must_be_json(open_server, ctype):
+    url, _ = open_server
+    headers = {} if ctype is None else {"Content-Type": ctype}
+    error(post(url, "/v1/completions", OK, headers=headers), 415, "unsupported_media_type", says="application/json")
+    error(post(url, "/v1/chat/completions", CHAT, headers=headers), 415, "unsupported_media_type")
+
+
+def test_json_content_type_with_charset_and_any_case_is_fine(open_server):
+    url, _ = open_server
+    serves(url, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:8000", "127.0.0.1.nip.io", "localhost.evil",
+                                  "10.0.0.1", "[::2]:80", ""])
+def test_a_loopback_server_refuses_other_host_names(open_server, host):
+    url, _ = open_server
+    for r in (httpx.get(url + "/health", headers={"Host": host}),
+              post(url, "/v1/completions", OK, headers={**JSON, "Host": host})):
+        error(r, 400, "invalid_host", says="DNS-rebinding")
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:8000", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:8000"])
+def test_a_loopback_server_accepts_loopback_host_names(open_server, host):
+    url, _ = open_server
+    assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200
+    serves(url, headers={**JSON, "Host": host})
+
+
+def test_allowed_hosts_replace_the_loopback_list(run):
+    from choicelm.serve.security import allowed_hosts_for
+
+    assert allowed_hosts_for("0.0.0.0", None) is None  # not loopback: nothing to rebind to
+    assert allowed_hosts_for("127.0.0.1", "key") is None  # the key protects it
+    assert allowed_hosts_for("::1", None) == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts_for("127.0.0.1", None, ["*"]) is None
+    with running_server(choicelm.load(run, "cpu"), host="127.0.0.1", allowed_hosts=["my.box", "[::1]"]) as url:
+        assert httpx.get(url + "/health", headers={"Host": "my.box:8000"}).status_code == 200
+        assert httpx.get(url + "/health", headers={"Host": "[::1]:8000"}).status_code == 200
+        error(httpx.get(url + "/health", headers={"Host": "localhost"}), 400, "invalid_host")
+
+
+def test_the_api_key_scheme_is_case_insensitive(keyed_server):
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        serves(keyed_server, headers={**JSON, "Authorization": f"{scheme} {KEY}"})
+    for bad in (f"Basic {KEY}", KEY, f"Bearer{KEY}", f"Bearer {KEY}x", "Bearer", f"Token {KEY}"):
+        error(post(keyed_server, "/v1/completions", OK, headers={**JSON, "Authorization": bad}), 401, "invalid_api_key")
+
+
+def test_openapi_is_behind_the_key_and_docs_are_off(keyed_server):
+    error(httpx.get(keyed_server + "/openapi.json"), 401, "invalid_api_key")
+    r = httpx.get(keyed_server + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(keyed_server + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+
+
+def test_with_a_key_the_openai_client_works_and_the_host_is_not_checked(keyed_server, lm):
+    c = openai.OpenAI(base_url=keyed_server + "/v1", api_key=KEY, max_retries=0)
+    r = c.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                  temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert httpx.get(keyed_server + "/health", headers={"Host": "my.server.example"}).status_code == 200
 
 
 # ----------------------------------------------------------------------------- 16: special tokens in user text

@@ -2,7 +2,7 @@
 /health, and the chat page at /.
 
     openai.py     request bodies and fields, checked (each refusal names its field; nothing is silently ignored)
-    security.py   the API key
+    security.py   Host, API key, content type: what a request must pass before it is read
     routes.py     the routes
     responses.py  prompts -> scheduler requests -> one JSON object or SSE chunks
     context.py    what every route knows: the model, its scheduler, name and limits
@@ -17,12 +17,16 @@ from pathlib import Path
 from .context import ServeContext
 from .errors import install_error_handlers
 from .scheduler import Scheduler
+from .security import HostGuard, allowed_hosts_for
 
 
 def create_app(lm, *, model_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 64):
+               max_queue: int = 64, host: str | None = None, allowed_hosts: list[str] | None = None):
     """A FastAPI app serving `lm` (a choicelm.api.LanguageModel). Start and stop it with uvicorn; the decode
-    thread starts here and stops at the app's shutdown."""
+    thread starts here and stops at the app's shutdown.
+
+    host: the address the server listens on; a loopback address without an api_key turns on the Host check
+    (security.py), and allowed_hosts replaces its list ("*": any host)."""
     from fastapi import FastAPI
 
     from .routes import router
@@ -30,11 +34,15 @@ def create_app(lm, *, model_name: str | None = None, api_key: str | None = None,
     scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue)
     ckpt = Path(lm.checkpoint)
     name = model_name or (ckpt.parent.name if ckpt.name.startswith("step-") else ckpt.name)
-    app = FastAPI(title="choicelm", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is a route of ours, behind the API key; the interactive /docs stay off
+    app = FastAPI(title="choicelm", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ServeContext(lm, scheduler, name, api_key, max_batch)
     app.state.scheduler = scheduler
     app.state.model_name = name
     install_error_handlers(app)
+    allowed = allowed_hosts_for(host, api_key, allowed_hosts)
+    if allowed is not None:
+        app.add_middleware(HostGuard, allowed=allowed)
     app.include_router(router)
     return app
 

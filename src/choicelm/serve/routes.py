@@ -1,4 +1,4 @@
-"""The routes: /v1/models, /v1/completions, /v1/chat/completions, /health, and the chat page at /.
+"""The routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /openapi.json, and the chat page at /.
 Each reads the server's context (context.py) from `request.app.state.ctx`."""
 
 import time
@@ -13,7 +13,7 @@ from . import openai
 from .errors import APIError
 from .formats import ChatFormat, CompletionFormat
 from .responses import Job, respond
-from .security import authorize
+from .security import authorize, require_json
 
 router = APIRouter()
 
@@ -21,6 +21,7 @@ router = APIRouter()
 async def read_json(http: HTTPRequest) -> dict:
     """The checked JSON body of a POST, after the API key."""
     authorize(http, http.app.state.ctx.api_key)
+    require_json(http)
     return openai.parse_body(await http.body())
 
 
@@ -43,6 +44,12 @@ async def one_model(model_id: str, http: HTTPRequest):
     authorize(http, ctx.api_key)
     openai.check_model(model_id, ctx.name)
     return ctx.model_card()
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(http: HTTPRequest):
+    authorize(http, http.app.state.ctx.api_key)
+    return http.app.openapi()
 
 
 @router.get("/")
