@@ -57,7 +57,7 @@ def open_server(run):
     """No API key, bound to 127.0.0.1 (the Host check is on), a small body limit, a short queue and short timeouts."""
     served = choicelm.load(run, "cpu")
     spy = EncodeSpy(served.tokenizer)
-    with running_server(served, host="127.0.0.1", max_queue=3) as url:
+    with running_server(served, host="127.0.0.1", max_body_mb=0.5, max_queue=3) as url:
         yield url, spy
 
 
@@ -89,6 +89,66 @@ def serves(url, headers=JSON):
     r = post(url, "/v1/completions", OK, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
+
+
+# ----------------------------------------------------------------------------- 11: body limit, length, event loop
+
+
+def test_an_oversized_body_is_a_413_whether_announced_or_chunked(open_server):
+    url, _ = open_server
+    big = {**OK, "prompt": "x" * 600_000}  # > 0.5 MB
+    error(post(url, "/v1/completions", big), 413, "request_too_large", says="--max-body-mb")
+
+    def chunks():  # no Content-Length: counted as it arrives
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 4096):
+            yield data[i:i + 4096]
+
+    error(post(url, "/v1/completions", chunks()), 413, "request_too_large")
+    serves(url)
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(open_server, lm):
+    url, spy = open_server
+    bound = max(lm.tokenizer.token_byte_lengths())  # no token spells more characters than this
+    long_text = "y" * (64 * int(bound) + 1)
+    before = len(spy.calls)
+    error(post(url, "/v1/completions", {**OK, "prompt": long_text}), 400, "context_length_exceeded", "prompt",
+          "maximum context length is 64 tokens")
+    error(post(url, "/v1/completions", {**OK, "prompt": ["ok", long_text]}), 400, "context_length_exceeded")
+    error(post(url, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": long_text}]}), 400,
+          "context_length_exceeded", "messages")
+    assert all(n < len(long_text) for n, _ in spy.calls[before:])  # never tokenized
+    # token ids beyond the context: refused by their count
+    error(post(url, "/v1/completions", {**OK, "prompt": [5] * 65}), 400, "context_length_exceeded", "prompt")
+
+
+def test_prompts_are_tokenized_off_the_event_loop(open_server):
+    url, spy = open_server
+    before = len(spy.calls)
+    serves(url)
+    assert post(url, "/v1/chat/completions", CHAT).status_code == 200
+    calls = spy.calls[before:]
+    assert len(calls) >= 2 and not any(on_loop for _, on_loop in calls), calls
+
+
+def test_max_body_mb_is_validated():
+    from choicelm.core.errors import ChoicelmError
+    from choicelm.serve.app import create_app
+
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ChoicelmError, match="max-body-mb"):
+            create_app(None, max_body_mb=bad)
+
+
+def test_the_cli_passes_max_body_mb_to_serve(monkeypatch):
+    import choicelm.serve
+    from choicelm.cli import main
+
+    seen = {}
+    monkeypatch.setattr(choicelm.serve, "serve", lambda checkpoint, **kw: seen.update(kw))
+    main(["serve", "--checkpoint", "runs/x", "--max-body-mb", "2.5"])
+    assert seen["max_body_mb"] == 2.5
 
 
 # ----------------------------------------------------------------------------- 12: 500s that are 400s

@@ -225,9 +225,9 @@ def echo(body: dict) -> bool:
 # ----------------------------------------------------------------------------- prompts and messages
 
 
-def prompt_items(body: dict, vocab_size: int) -> list[str | list[int]]:
+def prompt_items(body: dict, vocab_size: int, block: int) -> list[str | list[int]]:
     """prompt: a string, a list of strings, a list of token ids, or a list of such lists; token ids are checked
-    here, strings are tokenized by `prompt_ids`."""
+    here, strings are tokenized later (off the event loop, after `check_length`)."""
     prompt = body.get("prompt")
     bad = APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists of "
                         "token ids", "prompt", "invalid_type")
@@ -246,14 +246,40 @@ def prompt_items(body: dict, vocab_size: int) -> list[str | list[int]]:
             continue
         if not isinstance(item, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             raise bad
+        if len(item) > block:  # cheap, before checking each id
+            raise too_long("prompt", f"{len(item):,} tokens", block)
         if any(not 0 <= t < vocab_size for t in item):
             raise APIError(400, f"prompt token ids must be in 0..{vocab_size - 1}", "prompt", "invalid_value")
     return items
 
 
+def too_long(param: str, size: str, block: int) -> APIError:
+    return APIError(400, f"This model's maximum context length is {block} tokens. However, the {param} alone is "
+                         f"{size}, which cannot fit. Please shorten the {param}.", param, "context_length_exceeded")
+
+
+def check_length(chars: int, param: str, block: int, chars_per_token: int | None) -> None:
+    """Refuse text that cannot fit the context, before tokenizing it: no token spells more than chars_per_token
+    characters, so a text longer than block x chars_per_token characters has more than `block` tokens. (None: the
+    tokenizer normalizes text, so no such bound holds; the body limit is then the only cap.)"""
+    if chars_per_token is not None and chars > block * chars_per_token:
+        raise too_long(param, f"{chars:,} characters (at least {-(-chars // chars_per_token):,} tokens)", block)
+
+
 def prompt_ids(tokenizer, items: list[str | list[int]]) -> list[list[int]]:
-    """Token ids of each prompt; an empty prompt starts a new document, as GPT-2 does."""
+    """Token ids of each prompt; an empty prompt starts a new document, as GPT-2 does. (Slow for long text: run it
+    off the event loop.)"""
     return [(tokenizer.encode(item) if isinstance(item, str) else list(item)) or [tokenizer.eot_id] for item in items]
+
+
+def max_chars_per_token(tokenizer) -> int | None:
+    """A bound on the characters one token spells (its UTF-8 bytes, special tokens as their text): text of C
+    characters has at least C / this many tokens. None when the tokenizer has a normalizer (which may shrink text,
+    e.g. by dropping accents) or cannot say, so no such bound holds."""
+    if getattr(getattr(tokenizer, "hf", None), "normalizer", None) is not None:
+        return None
+    lengths = getattr(tokenizer, "token_byte_lengths", None)
+    return max(int(lengths().max()), 1) if lengths is not None else None
 
 
 def chat_messages(messages) -> list[dict]:

@@ -1,6 +1,7 @@
 """The routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /openapi.json, and the chat page at /.
 Each reads the server's context (context.py) from `request.app.state.ctx`."""
 
+import asyncio
 import time
 import uuid
 
@@ -13,16 +14,21 @@ from . import openai
 from .errors import APIError
 from .formats import ChatFormat, CompletionFormat
 from .responses import Job, respond
-from .security import authorize, require_json
+from .security import authorize, read_body
 
 router = APIRouter()
+
+INLINE_JSON_BYTES = 64 * 1024  # bodies larger than this are parsed off the event loop
 
 
 async def read_json(http: HTTPRequest) -> dict:
     """The checked JSON body of a POST, after the API key."""
-    authorize(http, http.app.state.ctx.api_key)
-    require_json(http)
-    return openai.parse_body(await http.body())
+    ctx = http.app.state.ctx
+    authorize(http, ctx.api_key)
+    raw = await read_body(http, ctx.max_body_bytes)
+    if len(raw) > INLINE_JSON_BYTES:
+        return await asyncio.to_thread(openai.parse_body, raw)
+    return openai.parse_body(raw)
 
 
 @router.get("/health")
@@ -75,7 +81,11 @@ async def completions(http: HTTPRequest):
     echo = openai.echo(body)
     logprobs = openai.completion_logprobs(body, opts.stream, echo)
     tokenizer = ctx.lm.tokenizer
-    prompts = openai.prompt_ids(tokenizer, openai.prompt_items(body, tokenizer.vocab_size))
+    items = openai.prompt_items(body, tokenizer.vocab_size, ctx.block)
+    for item in items:
+        if isinstance(item, str):
+            openai.check_length(len(item), "prompt", ctx.block, ctx.chars_per_token)
+    prompts = await asyncio.to_thread(openai.prompt_ids, tokenizer, items)
     max_tokens = [openai.max_tokens_for(body, len(p), ctx.block, 16, ("max_tokens",)) for p in prompts]
     fmt = CompletionFormat(tokenizer, f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, opts.n, len(prompts),
                            echo, [tokenizer.decode(p) if echo else "" for p in prompts], logprobs)
@@ -91,8 +101,9 @@ async def chat_completions(http: HTTPRequest):
     opts = openai.Options(body, ctx.max_batch)
     logprobs = openai.chat_logprobs(body, opts.stream)
     messages = openai.chat_messages(body.get("messages"))
+    openai.check_length(sum(len(m["content"]) for m in messages), "messages", ctx.block, ctx.chars_per_token)
     try:
-        prompt = chat_prompt_ids(ctx.lm.tokenizer, messages)  # a special token typed in a message is text
+        prompt = await asyncio.to_thread(chat_prompt_ids, ctx.lm.tokenizer, messages)  # special-token text: text
     except ChoicelmError as e:  # the model's own template refused the conversation
         raise APIError(400, str(e), "messages", "invalid_value") from None
     max_tokens = openai.max_tokens_for(body, len(prompt), ctx.block, None, ("max_completion_tokens", "max_tokens"))

@@ -1,4 +1,5 @@
-"""What a request must satisfy before its body is read: the Host it names, the API key and the content type.
+"""What a request must satisfy before its body is read: the Host it names, the API key, the content type, and
+the body's size.
 
     Host: a server bound to a loopback address without --api-key answers only requests that name a loopback host
           (localhost, 127.0.0.1, [::1], any port). A web page cannot then reach it through a DNS name that it
@@ -7,6 +8,7 @@
     Type: POST bodies must be application/json (415 otherwise), so a cross-origin form or text/plain POST, which a
           browser sends without asking, is refused; a JSON POST from another origin needs a CORS preflight, which
           this server never grants.
+    Size: a body over --max-body-mb is refused (413) without being read.
 """
 
 import hmac
@@ -81,6 +83,11 @@ def authorize(request, api_key: str | None) -> None:
                        None, "invalid_api_key")
 
 
+def _close(err: APIError) -> APIError:
+    err.headers["Connection"] = "close"  # the rest of the body is not read: the connection cannot be reused
+    return err
+
+
 def require_json(request) -> None:
     """415 unless the body is declared as JSON (application/json, any case, any parameters)."""
     ctype = request.headers.get("content-type", "")
@@ -88,3 +95,26 @@ def require_json(request) -> None:
         raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' (got "
                             f"{ctype[:100]!r})" if ctype else "the request has no Content-Type; send the body as JSON "
                             "with 'Content-Type: application/json'", None, "unsupported_media_type")
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The body of a JSON POST: 415 for another content type, 413 beyond max_bytes (at once when Content-Length
+    says so, else as soon as the bytes read pass it)."""
+    require_json(request)
+    limit = f"this server accepts at most {max_bytes / 2**20:g} MB (its --max-body-mb)"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _close(APIError(413, f"the request body is {int(declared):,} bytes; {limit}", None, "request_too_large"))
+    chunks, size = [], 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise _close(APIError(400, "the client went away before sending the whole body", None, "client_gone"))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise _close(APIError(413, f"the request body is over {max_bytes:,} bytes; {limit}", None,
+                                  "request_too_large"))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
