@@ -66,14 +66,17 @@ def make_checkpoint(root, model_cfg: dict, moe_cfg: dict | None = None, steps: i
 
 @contextlib.contextmanager
 def running_server(lm, **kwargs):
-    """create_app(lm, **kwargs) under uvicorn in a thread on a free port; yields the base URL, stops it after."""
+    """create_app(lm, **kwargs) under uvicorn (as `choicelm serve` configures it; header_timeout and keep_alive go to
+    uvicorn) in a thread on a free port; yields the base URL, stops it after."""
     import uvicorn
 
     from choicelm.serve import create_app
+    from choicelm.serve.listener import uvicorn_config
 
+    settings = {k: kwargs.pop(k) for k in ("header_timeout", "keep_alive") if k in kwargs}
     app = create_app(lm, **kwargs)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, **settings))  # the settings `choicelm serve` uses
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20

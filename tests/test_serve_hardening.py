@@ -57,7 +57,8 @@ def open_server(run):
     """No API key, bound to 127.0.0.1 (the Host check is on), a small body limit, a short queue and short timeouts."""
     served = choicelm.load(run, "cpu")
     spy = EncodeSpy(served.tokenizer)
-    with running_server(served, host="127.0.0.1", max_body_mb=0.5, max_queue=3) as url:
+    with running_server(served, host="127.0.0.1", max_body_mb=0.5, body_timeout=1.0, max_queue=3,
+                        header_timeout=1.0) as url:
         yield url, spy
 
 
@@ -212,7 +213,7 @@ def slow_server(run):
         return forward(*args, **kwargs)
 
     slow.model.forward = slow_forward
-    with running_server(slow, max_batch=1, max_queue=4) as url:
+    with running_server(slow, max_batch=1, max_queue=4, header_timeout=0.5) as url:
         yield url
 
 
@@ -351,3 +352,66 @@ def test_a_chat_message_cannot_inject_the_end_of_text_token(open_server, lm):
     text = chat_prompt(lm.tokenizer, [{"role": "user", "content": content}])
     # the char tokenizer spells each of the 13 characters: the prompt is as long as its text
     assert r.json()["usage"]["prompt_tokens"] == len(text) == len(lm.tokenizer.encode(text)) + len(EOT) - 1
+
+
+# ----------------------------------------------------------------------------- 17: half-sent connections
+
+
+def _closed_by_server(sock, within=15.0) -> bytes:
+    """Read until the server closes the connection; fails if it is still open after `within` seconds."""
+    sock.settimeout(within)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)  # socket.timeout here: the server never closed it
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\n",
+                                  b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"])
+def test_a_half_sent_request_head_is_timed_out(open_server, sent):
+    url, _ = open_server
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(sent)
+        assert _closed_by_server(s) == b""
+    serves(url)
+
+
+def test_a_half_sent_body_gets_a_408(open_server):
+    url, _ = open_server
+    body = json.dumps(OK).encode()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+        reply = _closed_by_server(s)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+    serves(url)
+
+
+def test_a_keep_alive_connection_half_sending_its_next_request_is_timed_out(open_server):
+    url, _ = open_server
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.settimeout(15)
+        reply = b""
+        while not reply.endswith(b"}"):  # the whole response (a JSON object)
+            reply += s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\n")  # and no more: the keep-alive timer is cancelled by these bytes
+        assert _closed_by_server(s) == b""
+
+
+def test_serve_passes_the_timeouts_to_uvicorn():
+    from choicelm.serve.listener import GuardedH11Protocol, uvicorn_settings
+
+    settings = uvicorn_settings()
+    assert issubclass(settings["http"], GuardedH11Protocol) and settings["http"].header_timeout == 10
+    assert settings["timeout_keep_alive"] == 5 and settings["h11_max_incomplete_event_size"] == 16 * 1024
+
+
+def test_a_request_longer_than_the_header_timeout_is_not_cut(slow_server, lm):
+    """The head timer (0.5 s here) only guards the wait for a request head, never a request being served."""
+    r = post(slow_server, "/v1/completions", {**OK, "max_tokens": 50}, headers=JSON)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 50
+    assert r.json()["choices"][0]["text"] == lm.generate("the ", max_new_tokens=50, temperature=0)

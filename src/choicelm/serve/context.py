@@ -18,6 +18,7 @@ class ServeContext:
     api_key: str | None
     max_batch: int
     max_body_bytes: int
+    body_timeout: float  # seconds for a request body to arrive
     static: Path = STATIC
     created: int = field(default_factory=lambda: int(time.time()))
 

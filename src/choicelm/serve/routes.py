@@ -25,7 +25,7 @@ async def read_json(http: HTTPRequest) -> dict:
     """The checked JSON body of a POST, after the API key."""
     ctx = http.app.state.ctx
     authorize(http, ctx.api_key)
-    raw = await read_body(http, ctx.max_body_bytes)
+    raw = await read_body(http, ctx.max_body_bytes, ctx.body_timeout)
     if len(raw) > INLINE_JSON_BYTES:
         return await asyncio.to_thread(openai.parse_body, raw)
     return openai.parse_body(raw)

@@ -1,5 +1,5 @@
 """What a request must satisfy before its body is read: the Host it names, the API key, the content type, and
-the body's size.
+the body's size and arrival time.
 
     Host: a server bound to a loopback address without --api-key answers only requests that name a loopback host
           (localhost, 127.0.0.1, [::1], any port). A web page cannot then reach it through a DNS name that it
@@ -8,9 +8,11 @@ the body's size.
     Type: POST bodies must be application/json (415 otherwise), so a cross-origin form or text/plain POST, which a
           browser sends without asking, is refused; a JSON POST from another origin needs a CORS preflight, which
           this server never grants.
-    Size: a body over --max-body-mb is refused (413) without being read.
+    Size: a body over --max-body-mb is refused (413) without being read; one that does not arrive within
+          `body_timeout` seconds gets a 408.
 """
 
+import asyncio
 import hmac
 import ipaddress
 
@@ -97,17 +99,23 @@ def require_json(request) -> None:
                             "with 'Content-Type: application/json'", None, "unsupported_media_type")
 
 
-async def read_body(request, max_bytes: int) -> bytes:
+async def read_body(request, max_bytes: int, timeout: float) -> bytes:
     """The body of a JSON POST: 415 for another content type, 413 beyond max_bytes (at once when Content-Length
-    says so, else as soon as the bytes read pass it)."""
+    says so, else as soon as the bytes read pass it), 408 when it is not complete within `timeout` seconds."""
     require_json(request)
     limit = f"this server accepts at most {max_bytes / 2**20:g} MB (its --max-body-mb)"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _close(APIError(413, f"the request body is {int(declared):,} bytes; {limit}", None, "request_too_large"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     chunks, size = [], 0
     while True:
-        message = await request.receive()
+        try:
+            message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0))
+        except TimeoutError:
+            raise _close(APIError(408, f"the request body did not arrive within {timeout:g} s ({size:,} bytes came)",
+                                  None, "request_timeout")) from None
         if message["type"] == "http.disconnect":
             raise _close(APIError(400, "the client went away before sending the whole body", None, "client_gone"))
         chunk = message.get("body", b"")
