@@ -267,14 +267,24 @@ def _penalized_reference(lm, prompt, n, presence, frequency):
     return lm.tokenizer.decode(out)
 
 
-@pytest.mark.parametrize("presence, frequency", [(0.0, 1.5), (2.0, 0.0), (0.5, -0.5)])
-def test_presence_and_frequency_penalties_follow_openai(lm, client, presence, frequency):
-    expected = _penalized_reference(lm, "jumps", 40, presence, frequency)
-    r = client.completions.create(model="run", prompt="jumps", max_tokens=40, temperature=0,
+# each case changes the greedy text, and changes it differently from either penalty alone: a server that ignored
+# presence_penalty, frequency_penalty or both would fail it (checked below, against the same reference)
+PENALTY_CASES = [("jumps", 0.0, 1.5), ("lazy dog. END", 2.0, 0.0), ("the ", -2.0, 0.0), ("lazy dog. END", 1.0, 1.0),
+                 ("x", 2.0, -1.0), ("jumps", -1.5, 1.5)]
+
+
+@pytest.mark.parametrize("prompt, presence, frequency", PENALTY_CASES)
+def test_presence_and_frequency_penalties_follow_openai(lm, client, prompt, presence, frequency):
+    expected = _penalized_reference(lm, prompt, 40, presence, frequency)
+    r = client.completions.create(model="run", prompt=prompt, max_tokens=40, temperature=0,
                                   presence_penalty=presence, frequency_penalty=frequency)
     assert r.choices[0].text == expected
-    if frequency >= 1.5:  # it changes the text here: applied, not ignored
-        assert expected != lm.generate("jumps", max_new_tokens=40, temperature=0)
+    # the case can fail: ignoring the penalties, or either one of them, gives another text
+    assert expected != lm.generate(prompt, max_new_tokens=40, temperature=0)
+    if presence:
+        assert expected != _penalized_reference(lm, prompt, 40, 0.0, frequency)
+    if frequency:
+        assert expected != _penalized_reference(lm, prompt, 40, presence, 0.0)
 
 
 def _reference_logprobs(lm, prompt: str, generated: list[int], k: int):
