@@ -398,19 +398,29 @@ def test_missing_or_wrong_api_key_is_401(server):
     assert httpx.get(server + "/health").status_code == 200  # health and the page need no key
 
 
+def slowed(lm, seconds: float):
+    """lm with every forward (prefill and each decode step) slowed by `seconds`: the model decodes through its
+    forward (no fused fast step, which would bypass a slowed forward), so a long request is still running when a
+    test acts. The server itself is unchanged."""
+    from choicelm.models.gpt import GPT
+
+    class SlowGPT(type(lm.model)):
+        fast_decode_step = None  # generation/step.py: decode through forward
+
+        def forward(self, *args, **kwargs):
+            time.sleep(seconds)
+            return super().forward(*args, **kwargs)
+
+    assert isinstance(lm.model, GPT)
+    lm.model.__class__ = SlowGPT
+    return lm
+
+
 @pytest.fixture(scope="module")
 def slow_server(lm):
-    """One slot, one queue place, and a model slowed to >= 5 ms a forward, so a long request is still running
-    when the test acts (the server itself is unchanged)."""
-    slow = choicelm.load(lm.checkpoint, "cpu")
-    forward = slow.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.005)
-        return forward(*args, **kwargs)
-
-    slow.model.forward = slow_forward
-    with running_server(slow, max_batch=1, max_queue=1) as url:
+    """One slot, one queue place, and a model slowed to >= 5 ms a step, so a long request is still running
+    when the test acts."""
+    with running_server(slowed(choicelm.load(lm.checkpoint, "cpu"), 0.005), max_batch=1, max_queue=1) as url:
         yield url
 
 

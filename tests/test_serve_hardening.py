@@ -5,7 +5,6 @@ what is sent) and the `openai` client."""
 import asyncio
 import json
 import socket
-import time
 
 import pytest
 
@@ -17,7 +16,7 @@ import choicelm
 from choicelm.generation.chat import SFT_TEMPLATE, chat_prompt, chat_prompt_ids
 from choicelm.tokenizer import EOT
 
-from test_serve import KEY, httpx, make_checkpoint, running_server, wait_until
+from test_serve import KEY, httpx, make_checkpoint, running_server, slowed, wait_until
 
 OK = {"model": "run", "prompt": "the ", "max_tokens": 3, "temperature": 0}
 CHAT = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
@@ -204,16 +203,8 @@ def test_every_error_is_openai_shaped(open_server, monkeypatch):
 
 @pytest.fixture(scope="module")
 def slow_server(run):
-    """One slot, a model slowed to >= 20 ms a forward: a long request is still running when the test acts."""
-    slow = choicelm.load(run, "cpu")
-    forward = slow.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    slow.model.forward = slow_forward
-    with running_server(slow, max_batch=1, max_queue=4, header_timeout=0.5) as url:
+    """One slot, a model slowed to >= 20 ms a step: a long request is still running when the test acts."""
+    with running_server(slowed(choicelm.load(run, "cpu"), 0.02), max_batch=1, max_queue=4, header_timeout=0.5) as url:
         yield url
 
 
