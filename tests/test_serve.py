@@ -66,14 +66,17 @@ def make_checkpoint(root, model_cfg: dict, moe_cfg: dict | None = None, steps: i
 
 @contextlib.contextmanager
 def running_server(lm, **kwargs):
-    """create_app(lm, **kwargs) under uvicorn in a thread on a free port; yields the base URL, stops it after."""
+    """create_app(lm, **kwargs) under uvicorn (as `choicelm serve` configures it; header_timeout and keep_alive go to
+    uvicorn) in a thread on a free port; yields the base URL, stops it after."""
     import uvicorn
 
     from choicelm.serve import create_app
+    from choicelm.serve.listener import uvicorn_config
 
+    settings = {k: kwargs.pop(k) for k in ("header_timeout", "keep_alive") if k in kwargs}
     app = create_app(lm, **kwargs)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, **settings))  # the settings `choicelm serve` uses
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -264,14 +267,24 @@ def _penalized_reference(lm, prompt, n, presence, frequency):
     return lm.tokenizer.decode(out)
 
 
-@pytest.mark.parametrize("presence, frequency", [(0.0, 1.5), (2.0, 0.0), (0.5, -0.5)])
-def test_presence_and_frequency_penalties_follow_openai(lm, client, presence, frequency):
-    expected = _penalized_reference(lm, "jumps", 40, presence, frequency)
-    r = client.completions.create(model="run", prompt="jumps", max_tokens=40, temperature=0,
+# each case changes the greedy text, and changes it differently from either penalty alone: a server that ignored
+# presence_penalty, frequency_penalty or both would fail it (checked below, against the same reference)
+PENALTY_CASES = [("jumps", 0.0, 1.5), ("lazy dog. END", 2.0, 0.0), ("the ", -2.0, 0.0), ("lazy dog. END", 1.0, 1.0),
+                 ("x", 2.0, -1.0), ("jumps", -1.5, 1.5)]
+
+
+@pytest.mark.parametrize("prompt, presence, frequency", PENALTY_CASES)
+def test_presence_and_frequency_penalties_follow_openai(lm, client, prompt, presence, frequency):
+    expected = _penalized_reference(lm, prompt, 40, presence, frequency)
+    r = client.completions.create(model="run", prompt=prompt, max_tokens=40, temperature=0,
                                   presence_penalty=presence, frequency_penalty=frequency)
     assert r.choices[0].text == expected
-    if frequency >= 1.5:  # it changes the text here: applied, not ignored
-        assert expected != lm.generate("jumps", max_new_tokens=40, temperature=0)
+    # the case can fail: ignoring the penalties, or either one of them, gives another text
+    assert expected != lm.generate(prompt, max_new_tokens=40, temperature=0)
+    if presence:
+        assert expected != _penalized_reference(lm, prompt, 40, 0.0, frequency)
+    if frequency:
+        assert expected != _penalized_reference(lm, prompt, 40, presence, 0.0)
 
 
 def _reference_logprobs(lm, prompt: str, generated: list[int], k: int):
@@ -385,19 +398,29 @@ def test_missing_or_wrong_api_key_is_401(server):
     assert httpx.get(server + "/health").status_code == 200  # health and the page need no key
 
 
+def slowed(lm, seconds: float):
+    """lm with every forward (prefill and each decode step) slowed by `seconds`: the model decodes through its
+    forward (no fused fast step, which would bypass a slowed forward), so a long request is still running when a
+    test acts. The server itself is unchanged."""
+    from choicelm.models.gpt import GPT
+
+    class SlowGPT(type(lm.model)):
+        fast_decode_step = None  # generation/step.py: decode through forward
+
+        def forward(self, *args, **kwargs):
+            time.sleep(seconds)
+            return super().forward(*args, **kwargs)
+
+    assert isinstance(lm.model, GPT)
+    lm.model.__class__ = SlowGPT
+    return lm
+
+
 @pytest.fixture(scope="module")
 def slow_server(lm):
-    """One slot, one queue place, and a model slowed to >= 5 ms a forward, so a long request is still running
-    when the test acts (the server itself is unchanged)."""
-    slow = choicelm.load(lm.checkpoint, "cpu")
-    forward = slow.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.005)
-        return forward(*args, **kwargs)
-
-    slow.model.forward = slow_forward
-    with running_server(slow, max_batch=1, max_queue=1) as url:
+    """One slot, one queue place, and a model slowed to >= 5 ms a step, so a long request is still running
+    when the test acts."""
+    with running_server(slowed(choicelm.load(lm.checkpoint, "cpu"), 0.005), max_batch=1, max_queue=1) as url:
         yield url
 
 
@@ -417,6 +440,7 @@ def test_full_queue_is_429(lm, slow_server):
                     c.completions.create(model="run", prompt="the ", max_tokens=5)
                 assert e.value.status_code == 429 and "--max-queue 1" in e.value.message
                 assert e.value.body["type"] == "rate_limit_exceeded"
+                assert int(e.value.response.headers["retry-after"]) >= 1  # a real 429 says when to retry
                 assert second.status_code == 200
         # both clients hung up mid-stream: the running row and the queue place are freed at once
         assert wait_until(lambda: (lambda h: h["running"] == 0 and h["waiting"] == 0)(http.get(url + "/health").json()))

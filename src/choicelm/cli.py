@@ -182,7 +182,8 @@ def cmd_serve(args) -> None:
     from .serve import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, device=args.device, dtype=args.dtype, model_name=args.model_name)
+          max_queue=args.max_queue, device=args.device, dtype=args.dtype, model_name=args.model_name,
+          max_body_mb=args.max_body_mb)
 
 
 def cmd_plot(args) -> None:
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 429")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger ones get HTTP 413")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's folder name)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="weights' precision (default: as stored)")
     p.add_argument("--device", default="auto")

@@ -18,7 +18,8 @@ Both kinds are lossless: decode(encode(s)) == s for every string without lone su
 
 Special tokens, always ids 0, 1, 2: `<|endoftext|>` (end of document; `eot_id`), `<|pad|>`,
 `<|mask|>`. No unknown token is needed: both kinds can spell any byte. Like GPT-2, the literal text
-`<|endoftext|>` inside a string encodes to the special id (so it round-trips, but as one token).
+`<|endoftext|>` inside a string encodes to the special id (so it round-trips, but as one token);
+`encode(text, allow_special=False)` spells it as plain text instead (for text a user typed).
 
 Tokenizers from elsewhere (a Hugging Face GPT-2 or Llama folder, via `choicelm convert from-hf`)
 keep their own special tokens: `load` reads them from tokenizer_config.json (eos_token, bos_token,
@@ -272,9 +273,24 @@ class Tokenizer:
 
     # --- encoding
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no special tokens are added."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`; no special tokens are added. With allow_special=False the text of a special
+        token (`<|endoftext|>`) is encoded as plain text, never as the special token: for text a user typed."""
+        hf = self.hf if allow_special else self._hf_text_only()
+        return hf.encode(text, add_special_tokens=False).ids
+
+    def special_token_ids(self) -> dict[str, int]:
+        """Text -> id of every special token in the vocabulary (what allow_special=False spells as text)."""
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    def _hf_text_only(self) -> HFTokenizer:
+        """A copy of the HF tokenizer that encodes special tokens' text as text (made once; never mutated, so
+        threads may share it)."""
+        if getattr(self, "_text_only", None) is None:
+            hf = HFTokenizer.from_str(self.hf.to_str())
+            hf.encode_special_tokens = True
+            self._text_only = hf
+        return self._text_only
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() of each text, run in parallel by the Rust batch encoder."""

@@ -21,6 +21,7 @@ the stop string "\\nUser:" (the model starting the user's next line); whitespace
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Iterator
 
@@ -78,6 +79,37 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     special = tokenizer.special_tokens
     return render_chat(template_of(tokenizer), messages, add_generation_prompt=True,
                        bos_token=special.get("bos", ""), eos_token=special["eos"])
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of chat_prompt(tokenizer, messages), where only the template writes special tokens: the text of a
+    special token typed in a message (`<|endoftext|>`) is encoded as plain text, so a user cannot end a turn or
+    inject one. Each special token in the messages is masked while the template renders, the rendered text is cut
+    at the special tokens the template wrote (as the tokenizer itself cuts text at them), and the pieces between
+    are encoded with special tokens as text."""
+    specials = tokenizer.special_token_ids()
+    if not specials:
+        return tokenizer.encode(chat_prompt(tokenizer, messages))
+    names = sorted(specials, key=len, reverse=True)
+    find = re.compile("|".join(re.escape(s) for s in names))
+    texts = [m["content"] for m in messages if isinstance(m.get("content"), str)] + [template_of(tokenizer)]
+    mark = next(chr(c) for c in range(0xE000, 0xF900) if not any(chr(c) in t for t in texts))  # private use
+    masked = [{**m, "content": find.sub(lambda s: f"{mark}{names.index(s.group())}{mark}", m["content"])}
+              if isinstance(m.get("content"), str) else m for m in messages]
+    unmask = re.compile(f"{mark}(\\d+){mark}")
+    ids: list[int] = []
+    pos = 0
+    rendered = chat_prompt(tokenizer, masked)
+    for special in find.finditer(rendered):
+        ids += _text_ids(tokenizer, unmask, names, rendered[pos:special.start()])
+        ids.append(specials[special.group()])
+        pos = special.end()
+    return ids + _text_ids(tokenizer, unmask, names, rendered[pos:])
+
+
+def _text_ids(tokenizer, unmask, names: list[str], text: str) -> list[int]:
+    text = unmask.sub(lambda m: names[int(m.group(1))], text)
+    return tokenizer.encode(text, allow_special=False) if text else []
 
 
 def history_messages(history: list[tuple[str, str]], message: str, system: str | None = None) -> list[dict]:

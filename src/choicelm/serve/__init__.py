@@ -14,17 +14,19 @@ def create_app(lm, **kwargs):
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, device: str = "auto", dtype: str | None = None,
-          model_name: str | None = None) -> None:
-    """Load a checkpoint and serve it until interrupted (Ctrl-C)."""
+          model_name: str | None = None, max_body_mb: float = 8.0, allowed_hosts: list[str] | None = None) -> None:
+    """Load a checkpoint and serve it until interrupted (Ctrl-C). Security and limits: serve/security.py."""
     import uvicorn
 
     from ..api import load
+    from .listener import uvicorn_settings
 
     lm = load(checkpoint, device, dtype)
-    app = create_app(lm, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(lm, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     host=host, allowed_hosts=allowed_hosts, max_body_mb=max_body_mb)
     print(f"serving {app.state.model_name!r} at http://{host}:{port}/ (OpenAI API under /v1, chat page at /)",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, **uvicorn_settings())
 
 
 __all__ = ["QueueFull", "Request", "Scheduler", "create_app", "serve"]
