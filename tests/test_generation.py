@@ -853,3 +853,21 @@ def test_rows_leave_the_batch_when_they_finish():
         seq = group[0]
         assert seq.ids == (ids[:ids.index(eos)] if eos in ids else ids)
         assert seq.finish_reason == ("eos" if eos in ids else "length")
+
+
+def test_the_sampler_draws_what_torch_multinomial_draws():
+    """Each row draws from its own generator without a multinomial call per row: the tokens are
+    torch.multinomial's for that row and seed (so a seeded single sequence is what it always was)."""
+    from choicelm.generation.sampling import Sampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    sampler = Sampler([], greedy=False)
+    for seed in range(40):
+        gens = [torch.Generator().manual_seed(seed + b) for b in range(5)]
+        got = sampler.pick(logits, generators=gens)
+        want = [int(torch.multinomial(logits[b:b + 1].softmax(-1), 1, generator=torch.Generator().manual_seed(seed + b)))
+                for b in range(5)]
+        assert got == want
+    with pytest.raises(ChoicelmError, match="no token is left"):
+        sampler.pick(torch.full((2, 4), float("-inf")))

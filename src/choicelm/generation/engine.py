@@ -257,9 +257,15 @@ class Engine:
 
     def _advance(self, rows: list[int], logits_NV: torch.Tensor) -> list[Sequence]:
         """Pick and accept a token for each of these rows (logits_NV[i] is row rows[i]'s); free the finished."""
-        groups: dict = {}
+        by_sampler: dict = {}
         for i, r in enumerate(rows):
-            groups.setdefault(self.seqs[r].sampler.key, []).append(i)
+            by_sampler.setdefault(id(self.seqs[r].sampler), []).append(i)
+        groups = by_sampler
+        if len(by_sampler) > 1:  # samplers of equal rules (other requests' with the same options) go together
+            groups = {}
+            for idx in by_sampler.values():
+                groups.setdefault(self.seqs[rows[idx[0]]].sampler.key, []).extend(idx)
+            groups = {key: sorted(idx) for key, idx in groups.items()}
         toks: list = [None] * len(rows)
         for idx in groups.values():
             try:
@@ -299,7 +305,9 @@ class Engine:
             ids_BT = self.ids_BS[torch.tensor(chosen, device=self.device), :self.cur]
         starts = [self.start[r] for r in chosen]
         n_pad_B = torch.tensor(starts, device=self.device) if any(starts) else None
-        n_new_B = torch.tensor([len(self.seqs[r].ids) for r in chosen], device=self.device)
+        n_new_B = None
+        if sampler.counts_new:
+            n_new_B = torch.tensor([len(self.seqs[r].ids) for r in chosen], device=self.device)
         return sampler.pick(logits, ids_BT, n_pad_B, n_new_B, generators)
 
 

@@ -41,7 +41,10 @@ def _setting(name: str, value):
 
 
 class Processor:
-    """A logit rule. Subclasses set their parameters in __init__ (checked by their option's declaration)."""
+    """A logit rule. Subclasses set their parameters in __init__ (checked by their option's declaration).
+    counts_new: it reads n_new_B (which tokens were generated)."""
+
+    counts_new = False
 
     @property
     def key(self) -> tuple:
@@ -54,6 +57,8 @@ class Processor:
 class PresenceFrequencyPenalty(Processor):
     """OpenAI's presence and frequency penalties: logits[j] -= presence * [c_j > 0] + frequency * c_j, where c_j
     counts token j among the generated tokens (the last n_new_B of each row; the prompt does not count)."""
+
+    counts_new = True
 
     def __init__(self, presence: float | None = None, frequency: float | None = None):
         self.presence = OPTIONS["presence_penalty"].check(presence) or 0.0

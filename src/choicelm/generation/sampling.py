@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import ChoicelmError
 from .processors import apply_processors, build_processors
 
 NEG_INF = float("-inf")
@@ -24,6 +25,7 @@ class Sampler:
     def __init__(self, processors: list, greedy: bool):
         self.processors, self.greedy = list(processors), greedy
         self.key = (greedy, tuple(getattr(p, "key", id(p)) for p in self.processors))
+        self.counts_new = any(getattr(p, "counts_new", True) for p in self.processors)  # needs n_new_B
 
     def scores(self, logits_BV: torch.Tensor, ids_BT=None, n_pad_B=None, n_new_B=None) -> torch.Tensor:
         """The processed scores (fp32, or fp64 logits kept as they are)."""
@@ -39,12 +41,20 @@ class Sampler:
         scores_BV = self.scores(logits_BV, ids_BT, n_pad_B, n_new_B)
         if self.greedy:
             return scores_BV.argmax(dim=-1).tolist()
-        # a scale that overflowed (a tiny temperature) keeps its order instead of turning softmax into NaN
+        # a scale that overflowed keeps its order instead of turning softmax into NaN
         limit = torch.finfo(scores_BV.dtype).max
         probs_BV = torch.nan_to_num(scores_BV, nan=NEG_INF, posinf=limit, neginf=NEG_INF).softmax(dim=-1)
+        if bool(probs_BV[:, 0].isnan().any()):  # a row of -inf scores is NaN throughout
+            raise ChoicelmError("no token is left to sample from (every score is -inf or NaN)")
+        # torch.multinomial's own draw of one sample, argmax(p / q) with q ~ Exp(1), each row's q from its generator:
+        # the same tokens as torch.multinomial(p_row, 1, generator=g), without one call per row
+        q_BV = torch.empty_like(probs_BV)
         if generators is None or all(g is None for g in generators):
-            return torch.multinomial(probs_BV, 1).squeeze(-1).tolist()
-        return [int(torch.multinomial(probs_BV[b:b + 1], 1, generator=g)) for b, g in enumerate(generators)]
+            q_BV.exponential_(1)
+        else:
+            for b, g in enumerate(generators):
+                q_BV[b].exponential_(1, generator=g)
+        return (probs_BV / q_BV).argmax(dim=-1).tolist()
 
 
 def sampler_for(cfg) -> Sampler:
