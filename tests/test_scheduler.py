@@ -154,3 +154,34 @@ def test_a_failing_sequence_ends_its_request_alone(lm, monkeypatch):
         assert client.texts()[0] == lm.generate(*good[0][:1], **good[0][1])
     finally:
         scheduler.close()
+
+
+def test_a_failing_prefill_ends_that_request_alone(lm, monkeypatch):
+    """A request whose prefill fails (here: any prompt holding the marker) gets an error; the requests running
+    when it tried to join finish exactly as lm.generate."""
+    from choicelm.generation.step import CausalDecoder
+
+    marker = lm.tokenizer.encode("#")[0]
+    real = CausalDecoder.prefill
+
+    def prefill(self, cache, ids_BT, mask_BS=None, pos_BT=None):
+        if marker in ids_BT.tolist()[0]:
+            raise MemoryError("no room for this prompt")
+        return real(self, cache, ids_BT, mask_BS, pos_BT)
+
+    monkeypatch.setattr(CausalDecoder, "prefill", prefill)
+    jobs = [(p, dict(max_new_tokens=50, temperature=0)) for p in PROMPTS[:3]]
+    scheduler = Scheduler(lm, max_batch=4, max_queue=64)
+    try:
+        clients = [Client() for _ in jobs]
+        for (prompt, options), client in zip(jobs, clients):
+            client.open, client.base = 1, 0
+            scheduler.submit(Request(lm.tokenizer.encode(prompt), lm.generation_config(**options), client.sink))
+        # a long prompt with the marker: joining shifts the running rows right first, then its prefill fails
+        (bad,) = run(scheduler, lm, [("#" * 60, dict(max_new_tokens=5, temperature=0))])
+        for client in clients:
+            assert client.done.wait(60)
+        assert [e[0] for e in bad.events] == ["error"] and "MemoryError" in bad.events[0][1]
+        assert [c.texts()[0] for c in clients] == [lm.generate(p, **o) for p, o in jobs]
+    finally:
+        scheduler.close()

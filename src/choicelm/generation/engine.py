@@ -245,7 +245,11 @@ class Engine:
         """Give each group (the sequences of one prompt) a row per sequence, prefill the prompts (once each) and
         take every new row's first token. Returns the new sequences (some may be done already)."""
         first = len(self.start)
-        logits_NV = self.prefill([g[0].prompt for g in groups], [len(g) for g in groups])
+        try:
+            logits_NV = self.prefill([g[0].prompt for g in groups], [len(g) for g in groups])
+        except BaseException:  # none of them joins (a shift made for them keeps the rows as they were)
+            del self.start[first:], self.seqs[first:]
+            raise
         self.seqs[first:] = [s for g in groups for s in g]
         return self._advance(list(range(first, len(self.start))), logits_NV)
 

@@ -137,7 +137,11 @@ class Scheduler:
                         try:
                             advanced = engine.admit([self._sequences(request)])
                         except ChoicelmError as e:  # nothing of it joined the batch
-                            request.sink(("error", str(e)))
+                            self._fail(request, e, str(e))
+                            continue
+                        except Exception as e:  # its prefill failed: the running requests go on
+                            traceback.print_exc()
+                            self._fail(request, e)
                             continue
                         self._emit(advanced)
                     if engine.seqs:
@@ -179,12 +183,12 @@ class Scheduler:
                     traceback.print_exception(e)
                 self._fail(request, e)
 
-    def _fail(self, request: Request, error: BaseException) -> None:
+    def _fail(self, request: Request, error: BaseException, message: str | None = None) -> None:
         """End a request with an error event; its other sequences leave the batch now."""
         request.failed = True
         self.engine.free([b for b, s in enumerate(self.engine.seqs) if s.tag[0] is request])
         try:
-            request.sink(("error", f"generation failed: {type(error).__name__}: {error}"))
+            request.sink(("error", message or f"generation failed: {type(error).__name__}: {error}"))
         except Exception:  # its client is gone or broken: nothing more to tell it
             traceback.print_exc()
 
