@@ -1,22 +1,23 @@
 """End-to-end MoE training speed: full optimizer steps of MoE GPTs against the dense GPT of equal active FLOPs.
 
-    python benchmarks/moe_train.py                          # the demo shape, every arm, 7 interleaved rounds
+    python benchmarks/moe_train.py                          # the demo recipe, arms tc1,tc2,ec,et, 7 interleaved rounds
     python benchmarks/moe_train.py --arms tc1,tc2 --rounds 5
     python benchmarks/moe_train.py --profile tc1            # where the arm's extra time goes, against dense
 
-The demo model (configs/shakespeare.yaml): GPT 4 x 256, 4 heads, block 256, micro-batch 16, vocab 4096, GELU MLP
-of width 1024. The MoE arms put an MoE layer of 8 experts in every 2nd block, at the dense model's active FLOPs:
+The model and optimizer are the demo recipe (--config, default configs/shakespeare.yaml: GPT 4 x 256, Llama
+layout, QK-norm, SwiGLU of width h = 768, Muon for the block matrices); --optim adamw swaps in fused AdamW for
+every parameter. The arms are the routing study's training recipes (study/arms.py, same moe.* settings and the
+same equal-active-FLOPs widths): MoE in every 2nd block, 8 experts by default:
 
-    tc1            token choice top-1 (Switch), expert width 1024, capacity 1.25, balance 0.01, z-loss 1e-3
-    tc2            token choice top-2 dropless (Mixtral), expert width 512, balance 0.01, z-loss 1e-3
-    ec             causal expert choice trained with top-k (the teacher; threshold and predictor learn it), c=2, 512
-    ec-threshold   the same trained with its causal threshold rule (moe.train_causal=true)
-    ec-predictor   the same trained with its predictor rule (train_causal=true, causal_mode=predictor); with
-                   train_causal=false causal_mode=predictor trains exactly as `ec`
+    tc1      token choice top-1 (Switch), expert width h, capacity 1.25, balance 0.01, z-loss 1e-3
+    tc2      token choice top-2 dropless (Mixtral), expert width h/2
+    ec       causal expert choice trained with top-k (the teacher; thresholds and predictor learn it), c=2, h/2
+    et       expert threshold: trained with the causal threshold rule (moe.train_causal=true)
+    tc4_16, ec_threshold_16, et_16: 16 experts of width h/4, 4 per token
 
 One step is what the training loop does (train/loop.py Trainer.train_step): forward under bf16 autocast
 (core/runtime.py) with the summed chunked loss, the MoE aux loss added and read back, backward, gradient
-clipping, the learning rate set, fused AdamW from train/optim.py build_optimizer, zero_grad; and like the loop,
+clipping, the learning rate set, the optimizer from train/optim.py build_optimizer, zero_grad; and like the loop,
 the routing statistics summarised every --log-every steps.
 Batches are windows of the prepared demo data (--data; random tokens if it is missing), the same for every arm.
 Every model is timed in one process, interleaved round by round so machine noise hits all alike; each figure is
@@ -26,6 +27,7 @@ the median over rounds of the mean step time over --steps steps, printed as toke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -35,35 +37,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from choicelm.core.config import ModelConfig, MoEConfig, OptimConfig
+from choicelm.core.config import ModelConfig, MoEConfig, OptimConfig, load_config
 from choicelm.models import build_model
 from choicelm.models import moe as moe_module
 from choicelm.models.moe import summarize_stats
 from choicelm.train.optim import build_optimizer, lr_at, set_lr
 from choicelm.core.runtime import autocast, keep_freed_memory
+from choicelm.study.arms import ARMS, moe_overrides
 
-ARMS = {
-    "tc1": dict(router="token_choice", top_k=1, expert_width=1024, capacity=1.25, balance_loss_weight=0.01,
-                z_loss_weight=1e-3),
-    "tc2": dict(router="token_choice", top_k=2, expert_width=512, dropless=True, balance_loss_weight=0.01,
-                z_loss_weight=1e-3),
-    "ec": dict(router="expert_choice_causal", capacity=2.0, expert_width=512, z_loss_weight=0.0),
-    "ec-threshold": dict(router="expert_choice_causal", capacity=2.0, expert_width=512, z_loss_weight=0.0,
-                         train_causal=True),
-    "ec-predictor": dict(router="expert_choice_causal", capacity=2.0, expert_width=512, z_loss_weight=0.0,
-                         train_causal=True, causal_mode="predictor"),
-}
+BENCH_ARMS = ("tc1", "tc2", "ec", "et", "tc4_16", "ec_threshold_16", "et_16")
 
-
-def model_config(args) -> ModelConfig:
-    return ModelConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=args.heads,
-                       n_embd=args.width, dropout=0.0)
+def recipe(args) -> tuple[ModelConfig, OptimConfig]:
+    cfg = load_config(args.config)
+    model = dataclasses.replace(cfg.model, vocab_size=args.vocab, dropout=0.0)
+    optim = cfg.optim if not args.optim else dataclasses.replace(cfg.optim, name=args.optim)
+    return model, optim
 
 
 def build(name: str, args) -> torch.nn.Module:
     torch.manual_seed(0)
-    moe = None if name == "dense" else MoEConfig(experts=args.experts, every=2, **ARMS[name])
-    return build_model(model_config(args), moe).train()
+    model_cfg, _ = recipe(args)
+    moe = None if name == "dense" else MoEConfig(**{**moe_overrides(name, model_cfg.hidden_size),
+                                                    "experts": args.experts or ARMS[name].train["experts"]})
+    return build_model(model_cfg, moe).train()
 
 
 def batches(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,7 +86,7 @@ class Stepper:
     def __init__(self, name: str, args, data):
         self.name, self.args, self.data = name, args, data
         self.model = build(name, args)
-        self.ocfg = OptimConfig(lr=2e-3, weight_decay=0.1, warmup_steps=50)
+        self.ocfg = recipe(args)[1]
         self.opt = build_optimizer(self.model, self.ocfg, "cpu")
         self.step_no = 0
         self.moe = bool(self.model.moe_layers())
@@ -166,14 +162,11 @@ def profile(stepper: Stepper, dense: Stepper, steps: int, rows: int, warmup: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--arms", default="tc1,tc2,ec,et", help=f"comma list of {', '.join(BENCH_ARMS)}")
+    p.add_argument("--config", default="configs/shakespeare.yaml", help="the model and optimizer recipe")
+    p.add_argument("--optim", default="", choices=("", "adamw", "muon"), help="override the recipe's optimizer")
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--experts", type=int, default=0, help="experts per MoE layer; 0 = the arm's own count")
     p.add_argument("--data", default="demo/data", help="a prepared data folder (random tokens if missing)")
     p.add_argument("--n-batches", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7)
@@ -191,6 +184,11 @@ def main() -> None:
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (one per core)")
     args = p.parse_args()
+    cfg = load_config(args.config)
+    args.seq, args.batch = cfg.model.block_size, cfg.train.micro_batch_size
+    unknown = [a for a in args.arms.split(",") if a and a not in BENCH_ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(BENCH_ARMS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -202,7 +200,7 @@ def main() -> None:
         return
 
     arms = [a for a in args.arms.split(",") if a]
-    ragged = ("tc1", "tc2", "ec-threshold", "ec-predictor")  # training rules that fill experts unevenly
+    ragged = ("tc1", "tc2", "et", "tc4_16", "et_16")  # training rules that fill experts unevenly
     names = ["dense"] + [n for a in arms for n in ([a, a + "/unpadded"] if args.unpadded and a in ragged else [a])]
     steppers = {n: Stepper(n.split("/")[0], args, data) for n in names}
     for n, s in steppers.items():
@@ -226,8 +224,10 @@ def main() -> None:
     tokens = args.batch * args.seq
     med = {n: statistics.median(v) for n, v in times.items()}
     med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
-    print(f"GPT {args.layers}x{args.width}, {args.heads} heads, T={args.seq}, B={args.batch}, vocab {args.vocab}; "
-          f"MoE every 2nd block, {args.experts} experts; bf16 autocast, fused AdamW; threads "
+    model_cfg, optim_cfg = recipe(args)
+    print(f"GPT {model_cfg.n_layer}x{model_cfg.n_embd} ({model_cfg.mlp} {model_cfg.hidden_size}, {model_cfg.pos}, "
+          f"{model_cfg.norm}{', qk-norm' if model_cfg.qk_norm else ''}), T={args.seq}, B={args.batch}, vocab "
+          f"{args.vocab}; MoE every 2nd block; bf16 autocast, optimizer {optim_cfg.name}; threads "
           f"{torch.get_num_threads()}; median of {args.rounds} rounds x {args.steps} steps "
           f"({time.perf_counter() - t_start:.0f} s)")
     print("x dense = dense step time / the arm's (tokens/s ratio); cpu: the same from process CPU time")

@@ -19,8 +19,8 @@ from choicelm.core.config import ConfigError, ModelConfig, MoEConfig, load_confi
 from choicelm.data.mlm import MLMMasker, mlm_generator, next_sentence_pairs
 from choicelm.core.errors import ChoicelmError
 from choicelm.models import build_model
-from choicelm.models.bert import (BERT, MoEEncoderBlock, config_from_hf_bert, load_hf_bert_state,
-                                  state_dict_from_hf_bert)
+from choicelm.models.bert import BERT, MoEEncoderBlock
+from choicelm.models.bert_hf import config_from_hf_bert, load_hf_bert_state, state_dict_from_hf_bert
 from choicelm.core import checkpoint as ckpt
 from choicelm.train.loop import KILL_AFTER_STEP_ENV
 

@@ -106,7 +106,8 @@ def test_classifier_learns_and_its_metrics_equal_scikit_learns(bert_classifier, 
 def test_gpt_classifier_pools_the_last_real_token_as_hugging_face_does():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from choicelm.interop.hf import GPT2, state_dict_to_hf
+    from choicelm.interop.hf import state_dict_to_hf
+    from choicelm.models.gpt_hf import GPT2
 
     torch.manual_seed(0)
     config = load_config(None, ["--model.vocab_size=96", "--model.block_size=16", "--model.n_layer=2",

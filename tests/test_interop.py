@@ -347,6 +347,53 @@ def test_import_refuses_what_it_cannot_convert(tmp_path, small_tokenizer, edit, 
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "holds a JSON array where a JSON object"),
+    (b'"GPT2LMHeadModel"', "holds a JSON string where a JSON object"),
+    (b"null", "holds a JSON null where a JSON object"),
+    (b"12", "holds a JSON number where a JSON object"),
+    (b'{"architectures": ["GPT2LMHeadModel"],', "is not valid JSON"),
+    (b"", "is not valid JSON"),
+    (b'{"model_type": "gpt2", "n_embd": "\xff\xfe"}', r"is not UTF-8 text \(invalid start byte at byte 34\)"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+], ids=["list", "string", "null", "number", "truncated", "empty", "latin-1", "deep"])
+def test_import_refuses_a_config_json_that_is_not_a_json_object_in_one_line(tmp_path, small_tokenizer, capsys,
+                                                                            content, message):
+    """Issue 18 item 8: a config.json that is a list, not an object, not JSON or not UTF-8 is one clear line (exit
+    2), never a traceback, and nothing is written."""
+    src = save_hf(gpt2_hf(), tmp_path / "hf", small_tokenizer)
+    (src / "config.json").write_bytes(content)
+    with pytest.raises(ConversionError, match=message):
+        from_hf(src, tmp_path / "ck")
+    capsys.readouterr()
+    assert run_cli("convert", "from-hf", src, tmp_path / "ck") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("choicelm: error:") and "config.json" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("names", [{"architectures": "GPT2LMHeadModel"}, {"architectures": {"0": "GPT2LMHeadModel"}},
+                                   {"architectures": [["GPT2LMHeadModel"]]}, {"model_type": ["gpt2"]}])
+def test_import_refuses_architectures_that_name_no_class(tmp_path, small_tokenizer, names):
+    src = _hf_dir_with(tmp_path, small_tokenizer, lambda c: (c.pop("architectures"), c.update(names)))
+    with pytest.raises(ConversionError, match="do not name a model class; expected e.g."):
+        from_hf(src, tmp_path / "ck")
+
+
+def test_import_refuses_a_sharded_index_without_a_weight_map(tmp_path, small_tokenizer):
+    src = save_hf(gpt2_hf(), tmp_path / "hf", small_tokenizer)
+    (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+    index = src / "model.safetensors.index.json"
+    for content, message in [(b"[]", "holds a JSON array where a JSON object"),
+                             (b'{"metadata": {}}', "has no weight_map object"),
+                             (b'{"weight_map": {"wte.weight": 3}}', "has no weight_map object")]:
+        index.write_bytes(content)
+        with pytest.raises(ConversionError, match=message):
+            from_hf(src, tmp_path / "ck")
+    index.write_text(json.dumps({"weight_map": {"wte.weight": "model-00001-of-00001.safetensors"}}))
+    from_hf(src, tmp_path / "ck")  # the same folder with a good index converts
+
+
 def test_import_refuses_llama_variants_and_missing_files(tmp_path, small_tokenizer, llama_tokenizer_dir):
     src = save_hf(llama_hf(), tmp_path / "hf", llama_tokenizer_dir)
     config = json.loads((src / "config.json").read_text())

@@ -287,7 +287,8 @@ def test_export_refuses_moe_mixtral_cannot_express(tmp_path, model, moe, message
 
 
 def test_mixtral_is_recognised_by_model_type_and_named_among_the_supported():
-    from choicelm.interop.hf import MIXTRAL, architecture
+    from choicelm.interop.hf import architecture
+    from choicelm.models.gpt_hf import MIXTRAL
 
     assert architecture({"model_type": "mixtral"}) == MIXTRAL  # a config.json without "architectures"
     with pytest.raises(ConversionError, match="MarianMTModel, and the Mixture-of-Experts MixtralForCausalLM$"):

@@ -16,7 +16,7 @@ from choicelm.data.pairs import PairDataset
 from choicelm.core.errors import ChoicelmError
 from choicelm.generation import GenerationConfig
 from choicelm.generation.seq2seq import generate_seq2seq
-from choicelm.interop.hf import state_dict_from_hf_marian
+from choicelm.models.seq2seq_hf import state_dict_from_hf_marian
 from choicelm.models import Seq2Seq, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -416,8 +416,9 @@ def test_overwrite_checks_everything_before_deleting_the_old_run(prepared, tmp_p
     [], ["--model.mlp=swiglu", "--model.pos=rope", "--model.tie_embeddings=false", "--model.bias=false",
          "--model.n_kv_head=1", "--model.norm=rmsnorm"],
     ["--moe.experts=4", "--moe.every=1"], ["--moe.experts=4", "--moe.router=token_choice", "--moe.shared_expert=true"],
-    ["--model.kind=bert"], ["--model.kind=seq2seq"], ["--model.kind=lstm"]],
-    ids=["gpt", "llama", "moe-ec", "moe-tc-shared", "bert", "seq2seq", "lstm"])
+    ["--model.kind=bert"], ["--model.kind=bert", "--moe.experts=4", "--moe.every=1"], ["--model.kind=seq2seq"],
+    ["--model.kind=lstm"]],
+    ids=["gpt", "llama", "moe-ec", "moe-tc-shared", "bert", "bert-moe", "seq2seq", "lstm"])
 def test_parameter_estimate_matches_the_built_model(overrides):
     """The memory check counts parameters from the config alone; it must agree with the model built from it."""
     from choicelm.train.loop import estimate_parameters

@@ -16,7 +16,7 @@ from .core.runtime import pick_device
 from .data.tasks import ClassificationDataset, classification_ids, decoder_start_id, source_ids
 from .generation import GenerationConfig, generate_text, stream_text
 from .models.weight_layout import prepare_for_decoding
-from .models import build_model, padding_mask
+from .models import build_model, padding_mask, registry
 from .tokenizer import Tokenizer
 
 
@@ -53,9 +53,11 @@ class LanguageModel:
 
     def generation_config(self, stop_at_eos: bool = True, **options) -> GenerationConfig:
         """GenerationConfig from keyword options (see its docstring); EOS is the tokenizer's <|endoftext|>."""
-        if self.config.model.kind == "bert":
-            raise ChoicelmError("a BERT encoder does not generate text (it fills masks and classifies); "
-                                "generate with a gpt, lstm or ngram checkpoint")
+        if not registry.get(self.config.model.kind).generates:
+            generators = [s.kind for s in registry.SPECS.values() if s.generates]
+            raise ChoicelmError(f"a {self.config.model.kind} model does not generate text (an encoder fills masks and "
+                                f"classifies); generate with a {', '.join(generators[:-1])} or {generators[-1]} "
+                                "checkpoint")
         if self.is_classifier:
             raise ChoicelmError("a classifier does not generate text; call lm.classify(text)")
         if stop_at_eos:
@@ -74,7 +76,7 @@ class LanguageModel:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not all(isinstance(p, str) for p in prompts):
             raise ChoicelmError("generate() takes a prompt string or a list of prompt strings")
-        if self.config.model.kind == "seq2seq":  # the prompt is the source (cut to the block size, then EOS)
+        if registry.get(self.config.model.kind).encoder_decoder:  # the prompt is the source (cut, then EOS)
             from .generation.seq2seq import generate_seq2seq
 
             sources = [source_ids(self.tokenizer, p, self.config.model.block_size) for p in prompts]
@@ -105,7 +107,7 @@ def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> La
         raise ChoicelmError(f"dtype={dtype!r} is not allowed; choose fp32 or bf16 (or leave it unset)")
     step_dir = ckpt.resolve_checkpoint(path)
     cfg = ckpt.read_config(step_dir)
-    if cfg.model.kind == "ngram":
+    if registry.get(cfg.model.kind).counted:
         return _load_ngram(step_dir, cfg)
     model = build_from_checkpoint(step_dir, cfg)
     model.to(pick_device(device)).eval()

@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import ChoicelmError
 from ..generation.chat import render_chat
+from ..models import registry
 from .loader import LMBatchSampler
 from .pairs import IGNORE_INDEX, PairDataset
 
@@ -152,7 +153,7 @@ def label_ids(labels: list[str], names: list[str], where: str) -> list[int]:
 def classification_ids(tokenizer, text: str, kind: str, max_len: int) -> list[int]:
     """An encoder reads [BOS] text [EOS] and pools the first position (BERT's [CLS] ... [SEP]); a decoder reads
     text [EOS] and pools the last, the EOS, which has seen the whole text. Long texts keep their start."""
-    if kind == "bert":
+    if registry.get(kind).encodes:
         bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         return [bos] + tokenizer.encode(text)[:max_len - 2] + [tokenizer.eos_id]
     return tokenizer.encode(text)[:max_len - 1] + [tokenizer.eos_id]

@@ -41,6 +41,7 @@ import torch
 from ..core.errors import ChoicelmError
 from ..core.runtime import autocast, use_bf16
 from ..data.loader import TokenDataset, eval_batches
+from ..models import registry
 from ..models.moe import CAUSAL_RULES
 from ..objectives import causal_lm, score_split, summed_loss
 
@@ -121,8 +122,8 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
     quick estimate over the start of the split; the result's `method` then says so."""
     check_stride(stride)
     data = TokenDataset(Path(data_dir), split)
-    kind = lm.config.model.kind
-    if kind == "ngram":
+    spec = registry.get(lm.config.model.kind)
+    if spec.counted:
         return ngram_perplexity(lm, data)
     if data.manifest["tokenizer"]["sha256"] != lm.tokenizer.sha256():
         raise ChoicelmError(f"--data {data_dir} was encoded with a different tokenizer than the checkpoint's; "
@@ -134,9 +135,9 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
     T = lm.config.model.block_size
     cap = None if max_batches is None else max_batches * batch_size
     bf16 = use_bf16(precision, lm.device)
-    if kind == "bert":
+    if spec.encodes:
         return masked_lm_perplexity(lm, data, batch_size, max_batches, bf16)
-    if kind == "lstm":
+    if spec.recurrent:
         loss_sum, count = recurrent_loss(lm.model, data, T, cap, lm.device, bf16)
         method = f"state carried through the split, chunks of {T}"
         total = math.ceil(len(data) / T)
@@ -148,7 +149,7 @@ def perplexity(lm, data_dir: str | Path, split: str = "val", batch_size: int = 8
         method = f"strided, stride {stride}, block {T}"
         total = len(strided_windows(len(data), T, stride))
     if cap is not None and cap < total:
-        method += f", first {cap} of {total} {'chunks' if kind == 'lstm' else 'windows'}"
+        method += f", first {cap} of {total} {'chunks' if spec.recurrent else 'windows'}"
     loss = loss_sum / count
     result = {"split": split, "tokens": count, "loss": loss, "ppl": math.exp(loss), "method": method}
     if getattr(lm.model, "moe_config", None) is not None:  # say which MoE routing produced the number
@@ -228,7 +229,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, metrics: list[str], s
     lm = load(checkpoint, device)
     if routing is None:
         return perplexity(lm, data_dir, split, batch_size, max_batches, stride=stride)
-    if not hasattr(lm.model, "routing_as"):
+    if not registry.get(lm.config.model.kind).moe:
         raise ChoicelmError(f"--routing {routing} needs an MoE GPT checkpoint; {checkpoint} is a {lm.config.model.kind}")
     with lm.model.routing_as(routing):
         return perplexity(lm, data_dir, split, batch_size, max_batches, stride=stride)

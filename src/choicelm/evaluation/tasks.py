@@ -18,17 +18,18 @@ import torch
 from ..api import classify_texts
 from ..core.errors import ChoicelmError
 from ..data import tasks as fd
+from ..models import registry
 from . import metrics as fm
 
 
 def task_of(lm) -> str:
-    """The task a loaded model does: classify (it has a head), seq2seq (encoder-decoder) or sft (decoder)."""
+    """The task a loaded model does: classify (it has a head), else the one other task its family fine-tunes
+    for (seq2seq for an encoder-decoder, sft for a decoder)."""
     if lm.is_classifier:
         return "classify"
-    if lm.config.model.kind == "seq2seq":
-        return "seq2seq"
-    if lm.config.model.kind == "gpt":
-        return "sft"
+    tasks = [t for t in registry.get(lm.config.model.kind).tasks if t != "classify"]
+    if tasks:
+        return tasks[0]
     raise ChoicelmError(f"a {lm.config.model.kind} model has no fine-tuning task metrics; evaluate it with "
                         "--metrics ppl on prepared data")
 

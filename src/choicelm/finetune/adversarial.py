@@ -63,7 +63,8 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ChoicelmError
-from ..models import BERT, GPT, LSTMLM, Seq2Seq
+from ..models import registry
+from ..models.registry import unwrap
 from ..models.moe import thresholds_frozen
 
 METHODS = ("fgm", "pgd")
@@ -71,30 +72,15 @@ PGD_STEP_FACTOR = 1.25  # default step_size = PGD_STEP_FACTOR * epsilon / steps
 _TINY = 1e-12  # a zero gradient gives a zero perturbation, not NaN
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP (.module) and torch.compile (._orig_mod) wrappers, however nested."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def input_embedding(model: nn.Module) -> nn.Embedding:
     """The token-embedding module whose output adversarial training perturbs (the source side of a Seq2Seq)."""
     inner = unwrap(model)
-    if isinstance(inner, GPT):
-        return inner.transformer.wte
-    if isinstance(inner, BERT):
-        return inner.embeddings.wte
-    if isinstance(inner, Seq2Seq):
-        return inner.src_embedding
-    if isinstance(inner, LSTMLM):
-        return inner.embed
+    spec = registry.find(inner)
+    if spec is not None and spec.embedding is not None:
+        return spec.embedding(inner)
+    families = [s.model_class.__name__ for s in registry.SPECS.values() if s.embedding is not None]
     raise ChoicelmError(f"adversarial training does not know where {type(inner).__name__} embeds its tokens; "
-                        "use a choicelm GPT, BERT, LSTM or Seq2Seq model")
+                        f"use a choicelm {', '.join(families[:-1])} or {families[-1]} model")
 
 
 # ----------------------------------------------------------------------------- perturbation geometry

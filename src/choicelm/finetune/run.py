@@ -4,7 +4,8 @@
              "--finetune.train_file=train.csv", "--finetune.val_file=val.csv"]), "runs/cls")
 
 The starting model is a choicelm checkpoint (its model and moe sections replace the config's), or a fresh
-model from the config's model section and a tokenizer folder. Then, per task:
+model from the config's model section and a tokenizer folder. Then the task's own part, one function each,
+chosen by the table TASKS (which families fit a task is the model registry's `ModelSpec.tasks`):
 
     classify   a bert or gpt model; a fresh classification head over the training file's labels (sorted; the
                names go into every checkpoint as labels.json)
@@ -23,21 +24,18 @@ import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Callable
 
 from ..core import checkpoint as ckpt
 from ..core.config import Config
 from ..core.errors import ChoicelmError
 from ..data import tasks as fd
+from ..models import registry
 from ..objectives import OBJECTIVES
 from ..tokenizer import Tokenizer
 from ..train.loop import RunInputs, Trainer, resolve_vocab_size
-
-FITS = {"classify": ("bert", "gpt"), "seq2seq": ("seq2seq",), "sft": ("gpt",)}
-WHAT_FITS = {"classify": "a bert encoder or a gpt decoder (last-token pooling)",
-             "seq2seq": "an encoder-decoder (model.kind=seq2seq, e.g. configs/seq2seq-tiny.yaml, or a Marian import)",
-             "sft": "a gpt decoder"}
 
 
 def finetune(cfg: Config, out_dir: str | Path, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -75,11 +73,12 @@ def base_checkpoint(cfg: Config) -> tuple[Path | None, Config | None]:
 
 
 def check_fit(task: str, kind: str) -> None:
-    if kind not in FITS[task]:
-        raise ChoicelmError(f"--task {task} does not fit a {kind} model; it needs {WHAT_FITS[task]}")
+    if task not in registry.get(kind).tasks:
+        raise ChoicelmError(f"--task {task} does not fit a {kind} model; it needs {TASKS[task].fits}")
 
 
 def finetuning_inputs(cfg: Config) -> RunInputs:
+    """RunInputs for cfg.finetune.task: the starting model and its tokenizer, then the task's own part (TASKS)."""
     f = cfg.finetune
     if not f.task:
         raise ChoicelmError(f"no task: pass --task {' | '.join(fd.TASKS)}")
@@ -100,57 +99,18 @@ def finetuning_inputs(cfg: Config) -> RunInputs:
         tokenizer_dir = step_dir / "tokenizer"
         tokenizer = Tokenizer.load(tokenizer_dir)
     check_fit(f.task, cfg.model.kind)
-    max_len = min(f.max_length or cfg.model.block_size, cfg.model.block_size)
-    extra_files: dict[str, str] = {}
-    head = None
+    start = Start(cfg, tokenizer, tokenizer_dir, step_dir, base,
+                  max_len=min(f.max_length or cfg.model.block_size, cfg.model.block_size))
+    task = TASKS[f.task].inputs(start)
 
-    if f.task == "classify":
-        train_rows = fd.read_classification(f.train_file, f.text_column, f.label_column)
-        names = fd.label_names([label for _, label in train_rows])
-        held = base_labels(step_dir) if base is not None and base.model.n_labels else None
-        if held is not None and held != names:
-            raise ChoicelmError(f"--from {step_dir} already classifies into {held}; the training file's labels are "
-                                f"{names}. Start from its language-model checkpoint to train a new head")
-        if held is None:
-            head = len(names)  # a fresh head over these labels
-        cfg.model.n_labels = len(names)
-        extra_files["labels.json"] = json.dumps({"labels": names}, indent=1) + "\n"
-
-        def dataset(path):
-            rows = fd.read_classification(path, f.text_column, f.label_column)
-            ids = [fd.classification_ids(tokenizer, text, cfg.model.kind, max_len) for text, _ in rows]
-            return fd.ClassificationDataset(ids, fd.label_ids([lb for _, lb in rows], names, str(path)),
-                                            tokenizer.pad_id_or_eos)
-    elif f.task == "seq2seq":
-        max_tgt = min(f.max_target_length or cfg.model.block_size - 1, cfg.model.block_size - 1)
-
-        def dataset(path):
-            pairs = [(fd.source_ids(tokenizer, s, max_len), tokenizer.encode(t))
-                     for s, t in fd.read_pairs(path, f.source_column, f.target_column)]
-            return fd.PairExamples(fd.PairDataset(pairs, start_id=fd.decoder_start_id(tokenizer),
-                                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id_or_eos,
-                                                  max_tgt_len=max_tgt, vocab_size=cfg.model.vocab_size))
-    else:  # sft
-        template = read_template(f.chat_template)
-        tokenizer.chat_template = template
-        extra_files["tokenizer/tokenizer_config.json"] = tokenizer_config_with(tokenizer_dir, template)
-
-        def dataset(path):
-            encoded = [fd.sft_ids(tokenizer, template, messages, max_len) for messages in fd.read_conversations(path)]
-            kept = [(ids, learn) for ids, learn in encoded if any(learn[1:])]
-            if not kept:
-                raise ChoicelmError(f"{path}: no conversation keeps a reply within {max_len} tokens; raise "
-                                    "--finetune.max_length or shorten the prompts")
-            return fd.SFTDataset([i for i, _ in kept], [lr for _, lr in kept], tokenizer.pad_id_or_eos)
-
-    train = dataset(f.train_file)
-    val = dataset(f.val_file) if f.val_file else None
+    train = task.dataset(f.train_file)
+    val = task.dataset(f.val_file) if f.val_file else None
     if f.epochs:
         global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         cfg.train.max_steps = max(1, math.ceil(f.epochs * len(train) / global_batch))
 
     def build():
-        return build_finetune_model(cfg, step_dir, base, head)
+        return build_finetune_model(cfg, step_dir, base, task.head)
 
     def objective_for(sampler):
         objective = OBJECTIVES[f.task]
@@ -162,7 +122,101 @@ def finetuning_inputs(cfg: Config) -> RunInputs:
         return AdversarialObjective(objective, f.adversarial, f.adv_epsilon, **pgd)
 
     return RunInputs(train, val, build, objective_for, tokenizer_dir, tokenizer.sha256(), fd.ExampleBatchSampler,
-                     extra_files)
+                     task.extra_files)
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+
+@dataclass
+class Start:
+    """What every task starts from: the run config (its model section is the starting model's), the tokenizer and
+    its folder, the starting checkpoint and its config (None for a fresh model), the longest input in tokens."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    tokenizer_dir: Path
+    step_dir: Path | None
+    base: Config | None
+    max_len: int
+
+
+@dataclass
+class TaskInputs:
+    """What a task adds to the run: a task file -> its dataset, the classes of a fresh classification head (None:
+    no new head), and files written into every checkpoint (name -> text)."""
+
+    dataset: Callable[[str | Path], object]
+    head: int | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)
+
+
+def classify_inputs(start: Start) -> TaskInputs:
+    """A fresh head over the training file's labels (sorted), unless the starting classifier has these labels;
+    the names go into every checkpoint as labels.json."""
+    cfg, f, tokenizer, step_dir = start.cfg, start.cfg.finetune, start.tokenizer, start.step_dir
+    train_rows = fd.read_classification(f.train_file, f.text_column, f.label_column)
+    names = fd.label_names([label for _, label in train_rows])
+    held = base_labels(step_dir) if start.base is not None and start.base.model.n_labels else None
+    if held is not None and held != names:
+        raise ChoicelmError(f"--from {step_dir} already classifies into {held}; the training file's labels are "
+                            f"{names}. Start from its language-model checkpoint to train a new head")
+    cfg.model.n_labels = len(names)
+
+    def dataset(path):
+        rows = fd.read_classification(path, f.text_column, f.label_column)
+        ids = [fd.classification_ids(tokenizer, text, cfg.model.kind, start.max_len) for text, _ in rows]
+        return fd.ClassificationDataset(ids, fd.label_ids([lb for _, lb in rows], names, str(path)),
+                                        tokenizer.pad_id_or_eos)
+
+    return TaskInputs(dataset, head=len(names) if held is None else None,
+                      extra_files={"labels.json": json.dumps({"labels": names}, indent=1) + "\n"})
+
+
+def seq2seq_inputs(start: Start) -> TaskInputs:
+    """Source -> target pairs: targets end with EOS, the decoder starts from BOS (or pad, as Marian)."""
+    cfg, f, tokenizer = start.cfg, start.cfg.finetune, start.tokenizer
+    max_tgt = min(f.max_target_length or cfg.model.block_size - 1, cfg.model.block_size - 1)
+
+    def dataset(path):
+        pairs = [(fd.source_ids(tokenizer, s, start.max_len), tokenizer.encode(t))
+                 for s, t in fd.read_pairs(path, f.source_column, f.target_column)]
+        return fd.PairExamples(fd.PairDataset(pairs, start_id=fd.decoder_start_id(tokenizer),
+                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id_or_eos,
+                                              max_tgt_len=max_tgt, vocab_size=cfg.model.vocab_size))
+
+    return TaskInputs(dataset)
+
+
+def sft_inputs(start: Start) -> TaskInputs:
+    """Conversations under a chat template, the loss on the assistant replies only; the template is saved in the
+    checkpoint's tokenizer folder."""
+    f, tokenizer, max_len = start.cfg.finetune, start.tokenizer, start.max_len
+    template = read_template(f.chat_template)
+    tokenizer.chat_template = template
+
+    def dataset(path):
+        encoded = [fd.sft_ids(tokenizer, template, messages, max_len) for messages in fd.read_conversations(path)]
+        kept = [(ids, learn) for ids, learn in encoded if any(learn[1:])]
+        if not kept:
+            raise ChoicelmError(f"{path}: no conversation keeps a reply within {max_len} tokens; raise "
+                                "--finetune.max_length or shorten the prompts")
+        return fd.SFTDataset([i for i, _ in kept], [lr for _, lr in kept], tokenizer.pad_id_or_eos)
+
+    extra = {"tokenizer/tokenizer_config.json": tokenizer_config_with(start.tokenizer_dir, template)}
+    return TaskInputs(dataset, extra_files=extra)
+
+
+@dataclass(frozen=True)
+class Task:
+    fits: str  # the model it needs, in words (which families fit is the registry's ModelSpec.tasks)
+    inputs: Callable[[Start], TaskInputs]
+
+
+TASKS = {"classify": Task("a bert encoder or a gpt decoder (last-token pooling)", classify_inputs),
+         "seq2seq": Task("an encoder-decoder (model.kind=seq2seq, e.g. configs/seq2seq-tiny.yaml, or a Marian "
+                         "import)", seq2seq_inputs),
+         "sft": Task("a gpt decoder", sft_inputs)}
 
 
 def build_finetune_model(cfg: Config, step_dir: Path | None, base: Config | None, head: int | None):

@@ -49,6 +49,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..core.config import Config
 from ..core.errors import ChoicelmError
+from . import registry
 from .layers import MLP, SelfAttention, SwiGLU
 from .seq2seq import CrossAttention
 
@@ -269,8 +270,6 @@ def lora_settings(cfg: Config):
     from ..models.lora import LoraSettings
 
     f = cfg.finetune
-    heads = ()
-    if cfg.model.n_labels:
-        heads = ("classifier", "pooler") if cfg.model.kind == "bert" else ("classifier",)
+    heads = registry.get(cfg.model.kind).classifier_modules if cfg.model.n_labels else ()
     targets = tuple(t.strip() for t in f.lora_targets.split(",") if t.strip())
     return LoraSettings(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout, targets=targets, train_modules=heads)

@@ -38,7 +38,27 @@ ARMS: dict[str, Arm] = {
     "ec_predictor": Arm(_EC, "predictor", False, True, "the ec run (top-k teacher) evaluated with its predictor"),
     "et": Arm({**_EC, "train_causal": True}, "threshold", True, True,
               "expert threshold: routes by the running thresholds in training and inference"),
+    # Fine-grained variants: twice the experts at half the width, twice the experts per token (same active FLOPs).
+    "tc4_16": Arm({**_TC, "experts": 16, "top_k": 4, "expert_width": "h/4", "dropless": True}, "dropless", True, True,
+                  "token choice top-4 of 16 experts of width h/4, dropless"),
+    "ec_threshold_16": Arm({**_EC, "experts": 16, "expert_width": "h/4", "capacity": 4.0}, "threshold", False, True,
+                           "expert choice c=4 over 16 experts of width h/4 (top-k teacher), evaluated with thresholds"),
+    "et_16": Arm({**_EC, "experts": 16, "expert_width": "h/4", "capacity": 4.0, "train_causal": True}, "threshold",
+                 True, True, "expert threshold over 16 experts of width h/4, c=4"),
 }
+
+
+def moe_overrides(arm: str, h: int) -> dict:
+    """The arm's moe.* overrides with the widths "h" and "h/N" resolved against the base MLP width h."""
+    out = dict(ARMS[arm].train)
+    for key, value in out.items():
+        if isinstance(value, str) and (value == "h" or value.startswith("h/")):
+            parts = 1 if value == "h" else int(value[2:])
+            if h % parts:
+                raise ChoicelmError(f"the base MLP width h={h} is not divisible by {parts}, so an expert of width "
+                                    f"{value} cannot match it; set --model.mlp_hidden to a multiple of {parts}")
+            out[key] = h // parts
+    return out
 
 
 def recipe_of(arm: str) -> str:

@@ -324,7 +324,7 @@ def write_report(out: Path, state: dict, arms: list[str], rows: list[dict], reci
     lines += [
         "## How to read it", "",
         f"- Equal active FLOPs: h = {h} (the base MLP width). Every MoE arm spends h of expert width per token on "
-        "average in each MoE block ('expert width/token': top-1 x h, top-2 x h/2, expert choice c=2 x h/2); "
+        "average in each MoE block ('expert width/token': e.g. top-1 x h, top-2 x h/2, expert choice c=2 x h/2, top-4 or c=4 x h/4); "
         "attention, the dense blocks, embeddings and the head are common to all arms. 'fwd MFLOPs/token' is 2 x the "
         "active parameters (matmul weights incl. the head; routers and the predictor counted) + attention, at the "
         "nominal experts per token; a threshold or predictor rule's real count varies with 'experts/token'.",

@@ -51,9 +51,10 @@ from ..core.errors import ChoicelmError
 from ..core.run_dir import read_metrics
 from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import TokenDataset, eval_batches
+from ..models import registry
 from ..models.moe import CAUSAL_RULES, summarize_stats, thresholds_frozen
 from ..train.loop import Trainer, pretrain, pretraining_inputs
-from .arms import ARMS, parse_arms, recipe_of
+from .arms import ARMS, moe_overrides, parse_arms, recipe_of
 from .report import CURVES_FILE, _read_csv, _write_csv, collect_rows, curve_column, write_outputs
 
 
@@ -95,25 +96,12 @@ def _user_overrides(overrides) -> dict:
     return extra
 
 
-def _resolve_widths(train: dict, h: int) -> dict:
-    out = dict(train)
-    for key, value in train.items():
-        if value == "h":
-            out[key] = h
-        elif value == "h/2":
-            if h % 2:
-                raise ChoicelmError(f"the base MLP width h={h} is odd, so an expert of width h/2 cannot match it; "
-                                    "set an even --model.mlp_hidden")
-            out[key] = h // 2
-    return out
-
-
 def arm_config(base: dict, user: dict, data_dir: Path, arm: str, *, seed: int, max_steps: int,
                defaults: dict | None = None) -> Config:
     """base <- the study's train defaults <- the arm's moe overrides <- the user's overrides (never moe.* for the
     dense arm: nothing MoE-only changes it) <- data, seed and budget (owned by the study)."""
     h = Config.from_dict(merge(base, _drop_moe(user))).model.hidden_size
-    extra = merge({"train": dict(defaults or {})}, {"moe": _resolve_widths(ARMS[arm].train, h)})
+    extra = merge({"train": dict(defaults or {})}, {"moe": moe_overrides(arm, h)})
     extra = merge(extra, _drop_moe(user) if ARMS[arm].routing is None else user)
     extra = merge(extra, {"data": {"path": str(data_dir)},
                           "train": {"seed": seed, "max_steps": max_steps, "max_tokens": 0, "max_time": 0.0}})
@@ -359,8 +347,11 @@ def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: flo
     base, config_name = _base_raw(config)
     user = _user_overrides(overrides)
     dense_cfg = arm_config(base, user, data_dir, "dense", seed=1, max_steps=1)  # validates the overrides early
-    if dense_cfg.model.kind != "gpt":
-        raise ChoicelmError(f"a routing study needs a GPT base config (model.kind=gpt), got {dense_cfg.model.kind}")
+    spec = registry.get(dense_cfg.model.kind)
+    if not (spec.moe and spec.generates):  # the study compares a decoder's routing rules (causality included)
+        decoders = [s.kind for s in registry.SPECS.values() if s.moe and s.generates]
+        raise ChoicelmError(f"a routing study needs a decoder base config that takes MoE layers (model.kind="
+                            f"{' or '.join(decoders)}), got {dense_cfg.model.kind}")
     if "val" not in TokenDataset(data_dir, "train").manifest["splits"]:
         raise ChoicelmError(f"--data {data_dir} has no validation split; prepare it with --val-files or --val-fraction")
     for arm in arms:  # every arm's config must be valid before anything trains

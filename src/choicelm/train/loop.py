@@ -31,7 +31,7 @@ from ..core.errors import ChoicelmError
 from ..core.run_dir import plan_run_dir
 from ..core.runtime import autocast, available_memory, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import LMBatchSampler, StreamBatchSampler, TokenDataset, eval_batches
-from ..models import build_model
+from ..models import build_model, registry
 from ..objectives import OBJECTIVES, MaskedLM, TruncatedBPTT, summed_loss
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from .optim import build_optimizer, lr_at, set_lr
@@ -50,7 +50,7 @@ def pretrain(cfg: Config, out_dir: str | Path, resume: str | None = None, overwr
              objective: str = "causal_lm") -> Path:
     """Train `cfg.model` on the shards in `cfg.data.path`, writing the run to `out_dir`.
     Returns the path of the final checkpoint. An n-gram model is counted instead (train/counting.py)."""
-    if cfg.model.kind == "ngram":
+    if registry.get(cfg.model.kind).counted:
         from .counting import count_ngram
 
         return count_ngram(cfg, Path(out_dir), resume, overwrite)
@@ -106,18 +106,18 @@ def pretraining_inputs(cfg: Config, objective: str = "causal_lm") -> RunInputs:
     manifest = train.manifest
     val = TokenDataset(data_dir, "val") if cfg.train.eval_every and "val" in manifest["splits"] else None
     resolve_vocab_size(cfg, manifest["vocab_size"])
-    kind = cfg.model.kind
+    spec = registry.get(cfg.model.kind)
 
     def objective_for(sampler):
-        if objective == "causal_lm" and kind == "lstm":  # parallel text streams, the state carried across steps
+        if objective == "causal_lm" and spec.recurrent:  # parallel text streams, the state carried across steps
             return TruncatedBPTT(sampler.micro_steps)
-        if objective == "causal_lm" and kind == "bert":  # an encoder pretrains by masked LM
+        if objective == "causal_lm" and spec.encodes:  # an encoder pretrains by masked LM
             return MaskedLM.for_data(data_dir, cfg.train.seed, nsp=cfg.model.nsp)
         return OBJECTIVES[objective]
 
     return RunInputs(train, val, lambda: build_model(cfg.model, cfg.moe), objective_for,
                      data_dir / manifest["tokenizer"]["dir"], manifest["tokenizer"]["sha256"],
-                     StreamBatchSampler if kind == "lstm" else LMBatchSampler)
+                     StreamBatchSampler if spec.recurrent else LMBatchSampler)
 
 
 class Trainer:
@@ -391,19 +391,19 @@ class Trainer:
 
 def estimate_parameters(cfg: Config) -> int:
     """Parameters of cfg's model from its config alone (nothing allocated; an upper bound within a few percent)."""
-    m, moe = cfg.model, cfg.moe
+    m, moe, spec = cfg.model, cfg.moe, registry.get(cfg.model.kind)
     d, v, hidden = m.n_embd, m.vocab_size or 50304, m.hidden_size
     embed = v * d * (1 if m.tie_embeddings else 2)
-    if m.kind == "lstm":
+    if spec.recurrent:
         return embed + m.n_layer * 8 * d * (d + 1)
     mats = 3 if m.mlp == "swiglu" else 2
     attn = 2 * d * d + 2 * d * m.kv_heads * m.head_dim + 4 * d
     mlp = mats * d * hidden + hidden + 2 * d
-    blocks = m.n_layer + ((m.n_decoder_layer or m.n_layer) if m.kind == "seq2seq" else 0)
+    blocks = m.n_layer + ((m.n_decoder_layer or m.n_layer) if spec.encoder_decoder else 0)
     total = embed + (m.block_size * d if m.pos == "learned" else 0) + blocks * (attn + mlp)
-    if m.kind == "seq2seq":
+    if spec.encoder_decoder:
         total += (m.n_decoder_layer or m.n_layer) * attn + (m.src_vocab_size * d)  # cross-attention, source table
-    if moe.enabled and m.kind == "gpt":
+    if moe.enabled and spec.moe:
         n_moe = m.n_layer // moe.every
         width = moe.expert_width or hidden
         total += n_moe * (moe.experts * mats * d * width + d * moe.experts - mlp
@@ -416,7 +416,7 @@ def estimate_training_bytes(cfg: Config, micro_batch_size: int) -> int:
     parameter) and the activations a micro-batch keeps for backward (~(12 d + 3 hidden) floats per token and layer:
     attention runs as flash attention, so no T x T scores)."""
     m = cfg.model
-    blocks = m.n_layer + ((m.n_decoder_layer or m.n_layer) if m.kind == "seq2seq" else 0)
+    blocks = m.n_layer + ((m.n_decoder_layer or m.n_layer) if registry.get(m.kind).encoder_decoder else 0)
     per_token_layer = 12 * m.n_embd + 3 * m.hidden_size
     activations = micro_batch_size * m.block_size * blocks * per_token_layer * 4
     return 16 * estimate_parameters(cfg) + activations
