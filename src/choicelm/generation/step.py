@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ChoicelmError
+from ..models import registry
 
 
 class ModuleStep:
@@ -51,14 +52,18 @@ def decode_step(model: nn.Module):
 
 
 def decoder_for(model):
-    """The decoder of a model: a decoder already, an n-gram table (next_token_logprobs), or a causal LM (GPT,
-    LSTM: forward with a KV cache). An encoder-decoder needs its sources: seq2seq.EncoderDecoder."""
+    """The decoder of a model, as the registry describes its family: a counted n-gram reads its tables, a
+    causal LM (GPT, LSTM, or any module with their forward and new_kv_cache) runs with a KV cache. An
+    encoder-decoder needs its sources (seq2seq.EncoderDecoder); a decoder is returned as it is."""
     if hasattr(model, "prefill") and hasattr(model, "new_cache"):
         return model
-    if hasattr(model, "next_token_logprobs"):
+    spec = registry.find(model)
+    if spec is not None and spec.counted:
         return NGramDecoder(model)
-    if hasattr(model, "encode") and hasattr(model, "new_cache"):
+    if spec is not None and spec.encoder_decoder:
         raise ChoicelmError("an encoder-decoder generates from sources: use generation.seq2seq.generate_seq2seq")
+    if spec is not None and not spec.generates:
+        raise ChoicelmError(f"a {spec.kind} model does not generate text")
     return CausalDecoder(model)
 
 

@@ -37,6 +37,7 @@ from ..generation.config import GenerationConfig
 from ..generation.engine import Engine, Sequence
 from ..generation.sampling import sampler_for, seeded
 from ..generation.step import CausalDecoder
+from ..models import registry
 
 
 class QueueFull(ChoicelmError):
@@ -66,14 +67,13 @@ class Scheduler:
     """Owns the model while it serves. submit() from any thread; events come back through Request.sink."""
 
     def __init__(self, lm, max_batch: int = 16, max_queue: int = 64):
-        from ..models.gpt import GPT
-
-        if not isinstance(lm.model, GPT):
-            kind = getattr(getattr(lm.config, "model", None), "kind", type(lm.model).__name__)
+        spec = registry.find(lm.model)
+        if spec is None or not spec.servable:
+            kind = spec.kind if spec is not None else type(lm.model).__name__
             raise ChoicelmError(f"serve needs a decoder-only transformer (GPT, dense or MoE) checkpoint; this one is "
                                 f"a {kind} model, whose state cannot share a batched KV cache. Use `choicelm generate` "
                                 "or `choicelm chat` for it")
-        if lm.model.classifier is not None:
+        if lm.is_classifier:
             raise ChoicelmError("this GPT is a classifier (it has a classification head), not a text generator; "
                                 "classify with lm.classify(...) or `choicelm evaluate --data FILE`")
         if max_batch < 1 or max_queue < 1:
