@@ -608,3 +608,266 @@ def test_fused_decode_step_only_takes_models_it_computes_exactly():
     moe = prepare_for_decoding(GPT(ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=64),
                                    MoEConfig(experts=4, every=1)).eval())
     assert not FusedStep.supports(moe)
+
+
+# ----------------------------------------------------------------------------- OpenAI's presence / frequency penalties
+
+
+def _penalized_greedy(model, prompt, n, presence, frequency):
+    """OpenAI's definition by hand: a full forward every step (no cache), logits[j] -= presence * [c_j > 0] +
+    frequency * c_j over the generated tokens' counts c (the prompt does not count), then argmax."""
+    ids, out = list(prompt), []
+    counts = torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            tok = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
+            ids.append(tok)
+            out.append(tok)
+            counts[tok] += 1
+    return out
+
+
+def test_presence_frequency_processor_equals_hand_computed_logits():
+    from choicelm.generation.processors import PresenceFrequencyPenalty
+
+    scores = torch.arange(12, dtype=torch.float32).reshape(2, 6)
+    ids = torch.tensor([[5, 1, 2, 3, 2, 2],    # generated: the last 3 (3, 2, 2); 5, 1, 2 are the prompt
+                        [0, 0, 4, 4, 4, 1]])   # 2 padding, prompt 4, generated 4, 4, 1
+    got = PresenceFrequencyPenalty(presence=0.5, frequency=0.25)(ids, scores.clone(), torch.tensor([0, 2]),
+                                                                 torch.tensor([3, 3]))
+    expected = torch.tensor([[0.0, 1.0, 2.0 - (0.5 + 2 * 0.25), 3.0 - (0.5 + 0.25), 4.0, 5.0],
+                             [6.0, 7.0 - (0.5 + 0.25), 8.0, 9.0, 10.0 - (0.5 + 2 * 0.25), 11.0]])
+    assert torch.equal(got, expected)
+    # negative penalties favour repeats; unset or 0 adds no processor
+    got = PresenceFrequencyPenalty(presence=-1.0)(ids[:1], scores[:1].clone(), None, torch.tensor([3]))
+    assert torch.equal(got, torch.tensor([[0.0, 1.0, 3.0, 4.0, 4.0, 5.0]]))
+    from choicelm.generation.processors import build_processors
+    assert build_processors(presence_penalty=0, frequency_penalty=None) == []
+
+
+@pytest.mark.parametrize("presence,frequency", [(0.0, 1.5), (2.0, 0.0), (0.5, 0.5)])
+def test_presence_and_frequency_penalties_from_python(presence, frequency):
+    """lm.generate's engine, batched with left padding, against the hand-computed definition; on these inputs
+    the penalties change the output (it is not plain greedy)."""
+    _, model = hf_gpt2(1)
+    prompts = [prompt_ids(4, 31), prompt_ids(9, 32)]
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0, presence_penalty=presence, frequency_penalty=frequency)
+    got = [c.ids for c in generate_ids(model, prompts, cfg)]
+    plain = [c.ids for c in generate_ids(model, prompts, GenerationConfig(max_new_tokens=24, temperature=0))]
+    for p, ids, greedy in zip(prompts, got, plain):
+        assert ids == _penalized_greedy(model, p, 24, presence, frequency)
+        assert ids != greedy
+    # beam search takes them too (a history rule, like repetition_penalty)
+    beams = generate_ids(model, prompts[:1], GenerationConfig(max_new_tokens=8, num_beams=2, presence_penalty=presence,
+                                                              frequency_penalty=frequency))
+    assert len(beams) == 1
+
+
+def test_presence_and_frequency_penalties_from_the_cli(run_dir, capsys):
+    lm = choicelm.load(run_dir, "cpu")
+    prompt = "the "
+    expected = lm.tokenizer.decode(_penalized_greedy(lm.model, lm.tokenizer.encode(prompt), 40, 0.5, 1.5))
+    capsys.readouterr()
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", prompt, "--max-new-tokens", "40", "--temperature",
+            "0", "--device", "cpu"]
+    assert main(args + ["--presence-penalty", "0.5", "--frequency-penalty", "1.5"]) == 0
+    assert capsys.readouterr().out == prompt + expected + "\n"
+    assert main(args) == 0
+    assert capsys.readouterr().out != prompt + expected + "\n"  # the penalties changed the text
+    assert lm.generate(prompt, max_new_tokens=40, temperature=0, presence_penalty=0.5, frequency_penalty=1.5) == \
+        expected
+
+
+# ----------------------------------------------------------------------------- one validator, every entry point
+
+BAD_OPTIONS = [
+    (dict(temperature=float("inf")), "temperature=inf must be a finite number"),
+    (dict(temperature=float("nan")), "temperature=nan must be a finite number"),
+    (dict(temperature=1e-39), "temperature=1e-39 is out of range"),
+    (dict(temperature=1e39), "temperature=1e+39 is out of range"),
+    (dict(temperature=10**400), "must be a finite number"),
+    (dict(temperature="hot"), "temperature='hot' must be a number"),
+    (dict(length_penalty=float("nan")), "length_penalty=nan must be a finite number"),
+    (dict(length_penalty=400.0), "length_penalty=400.0 must be in [-10, 10]"),
+    (dict(top_p=float("inf")), "top_p=inf must be a finite number"),
+    (dict(min_p=float("nan")), "min_p=nan must be a finite number"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty=1e-300 is out of range"),
+    (dict(presence_penalty=2.5), "presence_penalty=2.5 must be in [-2, 2]"),
+    (dict(frequency_penalty=float("-inf")), "frequency_penalty=-inf must be a finite number"),
+    (dict(seed=-1), "seed=-1 must be an integer in [0, 18446744073709551615]"),
+    (dict(seed=2**64), "seed=18446744073709551616 must be an integer"),
+    (dict(num_return_sequences=0), "num_return_sequences=0 must be an integer >= 1"),
+    (dict(top_k=2.0), "top_k=2.0 must be an integer >= 0"),
+    (dict(max_new_tokens=True), "max_new_tokens=True must be an integer >= 0"),
+    (dict(num_beams=None), "num_beams=None must be an integer >= 1"),
+    (dict(eos_token_id=[1, -2]), "eos_token_id=[1, -2] must be a token id"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS)
+def test_the_config_rejects_non_finite_and_out_of_range_values(options, message):
+    from choicelm.generation.config import OptionError
+
+    with pytest.raises(OptionError) as e:
+        GenerationConfig(**options)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert e.value.option == next(iter(options))
+
+
+def test_python_api_rejects_bad_values(run_dir):
+    lm = choicelm.load(run_dir, "cpu")
+    for options, message in BAD_OPTIONS:
+        with pytest.raises(ChoicelmError, match=message.split("=")[0]):
+            lm.generate("the ", **options)
+    with pytest.raises(ChoicelmError, match="temperature=1e-39 is out of range"):
+        next(lm.stream("the ", temperature=1e-39))
+    # the processors check their value with the same declaration
+    for make, bad in ((Temperature, 1e-39), (TopP, 1.5), (TopK, -1), (RepetitionPenalty, float("nan"))):
+        with pytest.raises(ChoicelmError):
+            make(bad)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "inf"], "temperature=inf must be a finite number"),
+    (["--temperature", "nan"], "temperature=nan must be a finite number"),
+    (["--temperature", "1e-39"], "temperature=1e-39 is out of range"),
+    (["--length-penalty", "nan"], "length_penalty=nan must be a finite number"),
+    (["--top-p", "inf"], "top_p=inf must be a finite number"),
+    (["--presence-penalty", "5"], "presence_penalty=5.0 must be in [-2, 2]"),
+    (["--frequency-penalty=-inf"], "frequency_penalty=-inf must be a finite number"),
+    (["--num-samples", "0"], "num_samples=0 must be an integer >= 1"),
+    (["--seed=-3"], "seed=-3 must be an integer in [0, "),
+])
+def test_the_cli_rejects_bad_values_in_one_line(run_dir, capsys, flags, message):
+    for verb in (["generate", "--prompt", "the "], ["chat"]):
+        if verb == ["chat"] and flags[0] == "--num-samples":
+            continue
+        capsys.readouterr()
+        assert main(verb + ["--checkpoint", str(run_dir), "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("choicelm: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"temperature": 1e-39}, "temperature", "invalid_value"),
+    ({"temperature": float("nan")}, "temperature", "invalid_value"),  # json.loads reads NaN and Infinity
+    ({"temperature": float("inf")}, "temperature", "invalid_value"),
+    ({"temperature": 10**400}, "temperature", "invalid_value"),
+    ({"temperature": 2.5}, "temperature", "invalid_value"),  # OpenAI's limit: 2
+    ({"temperature": "hot"}, "temperature", "invalid_type"),
+    ({"top_p": 0}, "top_p", "invalid_value"),
+    ({"top_k": 1.5}, "top_k", "invalid_type"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"frequency_penalty": float("-inf")}, "frequency_penalty", "invalid_value"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty", "invalid_value"),
+    ({"n": 0}, "n", "invalid_value"),
+    ({"n": 9}, "n", "invalid_value"),  # more than --max-batch
+    ({"seed": -1}, "seed", "invalid_value"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+    ({"stop": ["a", ""]}, "stop", "invalid_value"),
+    ({"temperature": 0, "n": 2}, "n", "invalid_value"),
+    ({"temperature": 0, "min_p": 0.2}, "min_p", "invalid_value"),
+])
+def test_the_server_request_fields_are_checked_by_the_config(body, param, code):
+    """The request -> options conversion of serve/openai.py: the config's checks, OpenAI's field names and limits; a
+    bad field is a 400 naming it."""
+    from choicelm.serve.openai import APIError, Options
+
+    with pytest.raises(APIError) as e:
+        Options(body, max_batch=8)
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, code), e.value.message
+    ok = Options({"temperature": 0, "top_p": 1, "top_k": 0, "presence_penalty": 0.5, "frequency_penalty": -1,
+                  "seed": 2**64 - 1, "n": None}, max_batch=8)
+    assert ok.options == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.5,
+                          "frequency_penalty": -1.0, "seed": 2**64 - 1}
+
+
+def test_cli_flags_and_server_fields_are_made_from_the_config(capsys):
+    from choicelm.generation.config import OPTIONS, request_fields
+    from choicelm.serve.openai import COMMON
+
+    for verb in ("generate", "chat"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        out = capsys.readouterr().out
+        for opt in OPTIONS.values():
+            assert (opt.flag_name in out) == opt.flag, opt.name
+        assert "--presence-penalty" in out and "--frequency-penalty" in out
+    assert request_fields() == {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                "frequency_penalty", "n", "seed", "stop"}
+    assert request_fields() <= set(COMMON)
+
+
+def test_a_tiny_temperature_samples_like_greedy():
+    """1/temperature is finite but logits / temperature overflow float32: those rows are scaled from their top
+    score, so the draw is the argmax, never NaN."""
+    _, model = hf_gpt2(2)
+    prompt = prompt_ids(5, 33)
+    greedy = generate_ids(model, [prompt], GenerationConfig(max_new_tokens=16, temperature=0))[0].ids
+    assert generate_ids(model, [prompt], GenerationConfig(max_new_tokens=16, temperature=1e-30, seed=1))[0].ids == greedy
+    scores = torch.tensor([[30.0, -2.0, 1.0, float("-inf")], [3.0, -2.0, 1.0, float("-inf")]])
+    inf = float("inf")
+    scaled = Temperature(1e-38)(None, scores)
+    assert torch.equal(scaled[0], torch.tensor([0.0, -inf, -inf, -inf]))  # 30 / 1e-38 overflows: from the top score
+    assert torch.equal(scaled[1], scores[1] / 1e-38)  # no overflow: plain division
+    torch.testing.assert_close(Temperature(0.5)(None, scores), scores / 0.5)
+
+
+# ----------------------------------------------------------------------------- seeded choices, one engine
+
+
+def test_choice_i_draws_with_seed_plus_i_whatever_else_is_in_the_batch():
+    """A seeded row has its own generator: choice i of a prompt equals a single sequence with seed + i (as the
+    server's n choices), and a prompt batched with others samples what it samples alone."""
+    _, model = hf_gpt2(2)
+    a, b = prompt_ids(4, 34), prompt_ids(7, 35)
+    cfg = dict(max_new_tokens=12, top_k=20, temperature=1.3)
+    three = [c.ids for c in generate_ids(model, [a], GenerationConfig(num_return_sequences=3, seed=5, **cfg))]
+    assert three == [generate_ids(model, [a], GenerationConfig(seed=5 + i, **cfg))[0].ids for i in range(3)]
+    assert len(set(map(tuple, three))) > 1
+    batched = generate_ids(model, [a, b], GenerationConfig(num_return_sequences=2, seed=9, **cfg))
+    assert [c.prompt_index for c in batched] == [0, 0, 1, 1]
+    assert [c.ids for c in batched[2:]] == [c.ids for c in generate_ids(model, [b], GenerationConfig(
+        num_return_sequences=2, seed=9, **cfg))]
+
+
+def test_rows_leave_the_batch_when_they_finish():
+    """Rows that end early (EOS) leave the engine: the others keep their exact greedy tokens, and the model runs
+    on fewer rows."""
+    from choicelm.generation.engine import Engine, sequences
+    from choicelm.generation.step import CausalDecoder
+
+    _, model = hf_gpt2()
+    prompts = [prompt_ids(3, 7), prompt_ids(12, 8), prompt_ids(7, 9), prompt_ids(1, 10)]
+    alone = [generate_ids(model, [p], GenerationConfig(max_new_tokens=20, temperature=0))[0].ids for p in prompts]
+    eos = alone[2][3]
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0, eos_token_id=eos)
+    engine = Engine(CausalDecoder(model), columns=12 + 19)
+    groups = sequences(prompts, cfg)
+    rows = [len(engine.admit(groups))]
+    while engine.seqs:
+        rows.append(len(engine.step()))
+    assert rows[-1] < 4 and rows == sorted(rows, reverse=True)
+    for group, ids in zip(groups, alone):
+        seq = group[0]
+        assert seq.ids == (ids[:ids.index(eos)] if eos in ids else ids)
+        assert seq.finish_reason == ("eos" if eos in ids else "length")
+
+
+def test_the_sampler_draws_what_torch_multinomial_draws():
+    """Each row draws from its own generator without a multinomial call per row: the tokens are
+    torch.multinomial's for that row and seed (so a seeded single sequence is what it always was)."""
+    from choicelm.generation.sampling import Sampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    sampler = Sampler([], greedy=False)
+    for seed in range(40):
+        gens = [torch.Generator().manual_seed(seed + b) for b in range(5)]
+        got = sampler.pick(logits, generators=gens)
+        want = [int(torch.multinomial(logits[b:b + 1].softmax(-1), 1, generator=torch.Generator().manual_seed(seed + b)))
+                for b in range(5)]
+        assert got == want
+    with pytest.raises(ChoicelmError, match="no token is left"):
+        sampler.pick(torch.full((2, 4), float("-inf")))

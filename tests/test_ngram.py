@@ -299,19 +299,28 @@ def test_save_load_is_exact(tmp_path, smoothing):
 
 # ----------------------------------------------------------------------------- generation
 
+def sample(lm, max_tokens=50, seed=None, temperature=None, top_k=None, context=()):
+    """The n-gram decodes on the generation engine, like every model (it was NGramLM.sample)."""
+    from choicelm.generation import GenerationConfig, generate_ids
+
+    cfg = GenerationConfig(max_new_tokens=max_tokens, seed=seed, temperature=temperature, top_k=top_k,
+                           eos_token_id=lm.eos_id)
+    return generate_ids(lm, [list(context)], cfg)[0].ids
+
+
 def test_sampling_is_seeded_greedy_and_stops_at_end_of_sentence():
     lm = NGramLM.fit_words(random_corpus(5), 3, discount_fallback=True)
-    a = lm.sample(max_tokens=30, seed=1)
-    assert a == lm.sample(max_tokens=30, seed=1) and lm.eos_id not in a and len(a) <= 30
-    assert any(lm.sample(max_tokens=30, seed=s) != a for s in range(2, 6))
-    greedy, ctx = lm.sample(max_tokens=10, temperature=0), []
+    a = sample(lm, max_tokens=30, seed=1)
+    assert a == sample(lm, max_tokens=30, seed=1) and lm.eos_id not in a and len(a) <= 30
+    assert any(sample(lm, max_tokens=30, seed=s) != a for s in range(2, 6))
+    greedy, ctx = sample(lm, max_tokens=10, temperature=0), []
     for tok in greedy:
         assert tok == int(np.argmax(lm.next_token_logprobs(ctx)))
         ctx.append(tok)
-    top1 = lm.sample(max_tokens=10, seed=3, top_k=1)
+    top1 = sample(lm, max_tokens=10, seed=3, top_k=1)
     assert top1 == greedy
     with pytest.raises(ChoicelmError, match="temperature"):
-        lm.sample(temperature=-1)
+        sample(lm, temperature=-1)
 
 
 # ----------------------------------------------------------------------------- bad input

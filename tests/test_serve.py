@@ -558,3 +558,16 @@ def test_cli_serve_runs_the_real_command(lm):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_generation_fields_are_checked_by_the_generation_config(server):
+    """The request's generation fields go through GenerationConfig (the one validator): a temperature whose
+    reciprocal overflows float32, NaN (which Python's JSON reads) or a huge integer is a 400 naming the field,
+    never a failed generation."""
+    ok = {"model": "run", "prompt": "the ", "max_tokens": 5}
+    for field, raw in (("temperature", "1e-39"), ("temperature", "NaN"), ("top_p", "Infinity"),
+                       ("presence_penalty", "1" + "0" * 400), ("frequency_penalty", "2.5")):
+        body = json.dumps(ok)[:-1] + f', "{field}": {raw}}}'
+        _error(raw_post(server, "/v1/completions", body), 400, field, "invalid_value")
+    r = raw_post(server, "/v1/completions", {**ok, "temperature": 0, "presence_penalty": 2, "frequency_penalty": -2})
+    assert r.status_code == 200

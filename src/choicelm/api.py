@@ -68,8 +68,8 @@ class LanguageModel:
         """Continue `prompt` (or each prompt of a list, batched with left padding); returns only the new text.
 
         options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
-        no_repeat_ngram_size, num_beams, length_penalty, early_stopping, num_return_sequences, seed, stop
-        (see choicelm.generation.GenerationConfig). One prompt gives a str, a list gives a list of str;
+        presence_penalty, frequency_penalty, no_repeat_ngram_size, num_beams, length_penalty, early_stopping,
+        num_return_sequences, seed, stop (see choicelm.generation.config.OPTIONS). One prompt gives a str, a list gives a list of str;
         with num_return_sequences = n > 1 each prompt gives a list of n str instead.
         """
         cfg = self.generation_config(stop_at_eos, **options)
@@ -138,32 +138,47 @@ def build_from_checkpoint(step_dir: Path, cfg: Config) -> torch.nn.Module:
 
 class CountedLanguageModel(LanguageModel):
     """What `load` returns for an n-gram checkpoint: `.model` is the NGramLM (numpy, no forward);
-    `.tokenizer` the data's tokenizer (or the model's word vocabulary); generate samples from it."""
+    `.tokenizer` the data's tokenizer (or the model's word vocabulary); generate samples from it on the same
+    engine and options as a neural model, one sequence at a time (no beam search)."""
 
-    def generation_config(self, stop_at_eos: bool = True, **options):
-        return None  # sampling options are checked by generate
+    NEURAL_ONLY = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
+
+    def generation_config(self, stop_at_eos: bool = True, **options) -> GenerationConfig:
+        """GenerationConfig from keyword options; EOS is the model's </s> (stop_at_eos=False: </s> is never drawn)."""
+        cfg = GenerationConfig.from_options(**options)
+        unsupported = [k for k in self.NEURAL_ONLY if getattr(cfg, k) != GenerationConfig.__dataclass_fields__[k].default]
+        if unsupported:
+            raise ChoicelmError(f"an n-gram model samples one sequence (no beam search); {', '.join(unsupported)} "
+                                f"need a neural model")
+        if stop_at_eos and cfg.eos_token_id is None:
+            cfg.eos_token_id = [self.model.eos_id]
+        return cfg
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def generate(self, prompt: str, *, stop_at_eos: bool = True, max_new_tokens: int = 100, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None, **options) -> str:
-        """Sample a continuation of `prompt` (temperature 0 = greedy, top_k); other options need a neural model."""
-        unsupported = sorted(k for k, v in options.items() if v and v != 1)  # set away from its "off" value
-        if unsupported:
-            raise ChoicelmError(f"an n-gram model samples with max_new_tokens, temperature, top_k and seed only; "
-                                f"{', '.join(unsupported)} need a neural model")
+    def generate(self, prompt: str, *, stop_at_eos: bool = True, **options) -> str:
+        """Sample a continuation of `prompt` (temperature 0 = greedy, top_k, top_p, penalties ...; one sequence)."""
+        return "".join(self.stream(prompt, stop_at_eos=stop_at_eos, **options))
+
+    def stream(self, prompt: str, *, stop_at_eos: bool = True, **options) -> Iterator[str]:
+        from .generation.step import NGramDecoder
+
+        cfg = self.generation_config(stop_at_eos, **options)
         if not isinstance(prompt, str):
             raise ChoicelmError("an n-gram model generates for one prompt at a time")
-        lm = self.model
-        context = list(self.tokenizer.encode(prompt))
-        ids = lm.sample(max_tokens=max_new_tokens, seed=seed, context=context, temperature=temperature,
-                        top_k=top_k or None, stop_at_eos=stop_at_eos)
-        text = self.tokenizer.decode(ids)
-        if lm.kind == "words" and text and prompt and not prompt[-1].isspace():
-            text = " " + text  # words are joined by spaces
-        return text
+        context = [int(t) for t in self.tokenizer.encode(prompt)]
+        deltas = stream_text(NGramDecoder(self.model, allow_eos=stop_at_eos), self.tokenizer, context, cfg)
+        if self.model.kind == "words" and prompt and not prompt[-1].isspace():  # words are joined by spaces
+            deltas = _after_first(deltas, " ")
+        return deltas
+
+
+def _after_first(deltas: Iterator[str], prefix: str) -> Iterator[str]:
+    """The deltas, the first one with `prefix` in front."""
+    for i, delta in enumerate(deltas):
+        yield prefix + delta if i == 0 else delta
 
 
 def _load_ngram(step_dir: Path, cfg: Config) -> CountedLanguageModel:

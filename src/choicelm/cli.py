@@ -8,7 +8,8 @@
     choicelm evaluate --checkpoint RUN [RUN ...] --data DIR --metrics ppl [--stride N]   # several: a table
     choicelm evaluate --checkpoint RUN --data FILE [--metrics accuracy,f1 | bleu,rouge] [--num-beams N]
     choicelm generate --checkpoint RUN --prompt "..." [--max-new-tokens --temperature --top-k --top-p --min-p
-                      --repetition-penalty --no-repeat-ngram-size --num-beams --seed --stop S ... --stream]
+                      --repetition-penalty --presence-penalty --frequency-penalty --no-repeat-ngram-size
+                      --num-beams --length-penalty --seed --stop S ... --stream --num-samples N]
     choicelm chat     --checkpoint RUN [same options]       # terminal chat; /reset, /quit
     choicelm serve    --checkpoint RUN [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 16 --max-queue 64]
     choicelm plot     RUN
@@ -107,38 +108,36 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(evaluate(args.checkpoint[0], args.data, metrics or ["ppl"], **options), indent=1))
 
 
-def _generation_options(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
-                length_penalty=args.length_penalty, stop=args.stop or [])
-
-
 def cmd_generate(args) -> None:
     from . import load
+    from .generation.config import NUM_SAMPLES, GenerationConfig, generation_arguments
 
+    num_samples = NUM_SAMPLES.check(args.num_samples)
+    options = generation_arguments(args)
+    GenerationConfig(**options)  # a bad option fails before the model is loaded
+    seed = options.pop("seed")
     lm = load(args.checkpoint, args.device)
-    options = _generation_options(args)
-    lm.generation_config(**options)  # a bad option fails before anything is printed
-    for i in range(args.num_samples):
-        seed = None if args.seed is None else args.seed + i
-        if args.num_samples > 1:
+    lm.generation_config(seed=seed, **options)  # and anything this model cannot do before anything is printed
+    for i in range(num_samples):
+        seed_i = None if seed is None else seed + i
+        if num_samples > 1:
             print(f"--- sample {i + 1}")
         if args.stream:
             print(args.prompt, end="", flush=True)
-            for delta in lm.stream(args.prompt, seed=seed, **options):
+            for delta in lm.stream(args.prompt, seed=seed_i, **options):
                 print(delta, end="", flush=True)
             print()
         else:
-            print(args.prompt + lm.generate(args.prompt, seed=seed, **options))
+            print(args.prompt + lm.generate(args.prompt, seed=seed_i, **options))
 
 
 def cmd_chat(args) -> None:
     from . import load
     from .generation.chat import ChatSession
+    from .generation.config import generation_arguments
 
     lm = load(args.checkpoint, args.device)
-    session = ChatSession(lm, system=args.system, seed=args.seed, **_generation_options(args))
+    session = ChatSession(lm, system=args.system, **generation_arguments(args))
     lm.generation_config(**session.options)  # a bad option fails before the first prompt
     print("chat with the model; /reset clears the history, /quit (or Ctrl-D) leaves", flush=True)
     while True:
@@ -163,19 +162,16 @@ def cmd_chat(args) -> None:
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default 1 when sampling")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
-    p.add_argument("--num-beams", type=int, default=1, help="> 1 = beam search (deterministic)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="end the output before this text (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    from .generation.config import add_generation_arguments
+
+    add_generation_arguments(p)
     p.add_argument("--device", default="auto")
+
+
+def _num_samples_flag(p: argparse.ArgumentParser) -> None:
+    from .generation.config import NUM_SAMPLES
+
+    NUM_SAMPLES.add_argument(p)
 
 
 def cmd_serve(args) -> None:
@@ -309,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory or step-XXXXXXXX folder")
     p.add_argument("--prompt", required=True)
     _add_generation_flags(p)
-    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (seeds seed, seed+1, ...)")
+    _num_samples_flag(p)
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(func=cmd_generate)
 

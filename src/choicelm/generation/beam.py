@@ -1,5 +1,5 @@
-"""Beam search, written against a `step` function so any decoder can use it (decoder-only GPT here;
-an encoder-decoder passes a step that runs its decoder over the encoder output).
+"""Beam search, written against a `step` function; beam_step(engine, ...) makes one from the engine (engine.py),
+so every decoder (decoder-only, encoder-decoder) runs its beams on its rows.
 
     step(None, None)          -> logits_NV for the prompt (prefill), one row per beam (N = num_beams)
     step(tokens_N, parent_N)  -> logits_NV after appending tokens_N, where beam i continues the
@@ -26,8 +26,10 @@ from typing import Callable
 
 import torch
 
-from .step import decode_step
+from .engine import Engine
 from .processors import apply_processors
+from .sampling import sampler_for
+from .step import decoder_for
 
 NEG = -1.0e9  # "impossible" score, as in Hugging Face (not -inf: it must survive sums and topk)
 
@@ -67,7 +69,8 @@ def beam_search(step: Callable, prompt_ids: list[int], *, num_beams: int, max_ne
     while True:
         logp_KV = torch.log_softmax(logits_KV.float(), dim=-1)
         if processors:
-            logp_KV = apply_processors(processors, running_KL[:, :cur], logp_KV)
+            logp_KV = apply_processors(processors, running_KL[:, :cur], logp_KV, None,
+                                       torch.full((K,), cur - P, device=device))
         V = logp_KV.shape[-1]
         total_KV = logp_KV + running_score_K[:, None]
 
@@ -110,34 +113,29 @@ def beam_search(step: Callable, prompt_ids: list[int], *, num_beams: int, max_ne
             for i in range(num_return_sequences)]
 
 
-def reorder_cache(cache, rows_N: torch.Tensor) -> None:
-    """Keep the cache rows `rows_N` (batch dim 1 of the KV tensors; caches with their own reorder(), like
-    the LSTM's recurrent state, do it themselves)."""
-    if hasattr(cache, "reorder"):
-        cache.reorder(rows_N)
-    else:
-        cache.k = cache.k.index_select(1, rows_N)
-        cache.v = cache.v.index_select(1, rows_N)
+def run_beams(step: Callable, prompt_ids: list[int], cfg) -> list[BeamHypothesis]:
+    """beam_search with the options of a GenerationConfig (its history processors: the penalties)."""
+    return beam_search(step, prompt_ids, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                       eos_ids=cfg.eos_token_id, length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping,
+                       num_return_sequences=cfg.num_return_sequences, processors=sampler_for(cfg).processors,
+                       device=step.device)
 
 
-def decoder_only_step(model, prompt_ids: list[int], num_beams: int, max_new_tokens: int, device) -> Callable:
-    """The `step` for a decoder-only choicelm model: prefill the prompt once (batch 1), copy its KV cache
-    to every beam, then decode one token per beam per step, reordering the cache rows by parent."""
-    P = len(prompt_ids)
-    cache = model.new_kv_cache(1, P + max_new_tokens, device=device)
-    decode = decode_step(model)
-    pos = P
+def beam_step(engine: Engine, prompt_ids: list[int], num_beams: int) -> Callable:
+    """The `step` of beam search on an engine: prefill the prompt once and give it num_beams rows, then decode one
+    token per beam per step, each beam's row first becoming a copy of its parent's."""
 
     def step(tokens_N, parent_N):
-        nonlocal pos
         if tokens_N is None:
-            ids_1P = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-            logits_1V = model(ids_1P, kv_cache=cache, logits_to_keep=1).logits[:, -1]
-            reorder_cache(cache, torch.zeros(num_beams, dtype=torch.long, device=device))  # one copy per beam
-            return logits_1V.expand(num_beams, -1)
-        reorder_cache(cache, parent_N)
-        logits_NV = decode(tokens_N, cache, pos)
-        pos += 1
-        return logits_NV
+            return engine.prefill([prompt_ids], num_beams)
+        engine.reorder(parent_N)
+        return engine.forward(tokens_N)
 
+    step.device = engine.device
     return step
+
+
+def decoder_only_step(model, prompt_ids: list[int], num_beams: int, max_new_tokens: int, device=None) -> Callable:
+    """The `step` for a decoder-only choicelm model (or any decoder, step.py)."""
+    engine = Engine(decoder_for(model), columns=len(prompt_ids) + max(max_new_tokens, 1) - 1)
+    return beam_step(engine, prompt_ids, num_beams)

@@ -18,6 +18,8 @@ class StopStrings:
     def __init__(self, stops):
         if isinstance(stops, str):
             stops = [stops]
+        if stops is not None and not isinstance(stops, (list, tuple)):
+            raise ChoicelmError(f"stop={stops!r} is not allowed; give a string or a list of non-empty strings")
         stops = list(stops or [])
         for s in stops:
             if not isinstance(s, str) or not s:

@@ -384,37 +384,6 @@ class NGramLM:
             lp[self.keys[n - 1][lo:hi] % R] = self.logp[n - 1][lo:hi]
         return lp
 
-    def sample(self, max_tokens: int = 50, seed: int | None = None, context: Sequence[int] = (),
-               temperature: float = 1.0, top_k: int | None = None, stop_at_eos: bool = True) -> list[int]:
-        """Continue `context` (after <s>) until </s> or `max_tokens`; returns the new ids without </s>.
-        temperature=0 is greedy; top_k keeps the k most likely ids; stop_at_eos=False never draws </s>.
-        A token-id model never draws <unk> (it has no text in the tokenizer's vocabulary)."""
-        if temperature < 0 or not np.isfinite(temperature):
-            raise ChoicelmError(f"temperature={temperature} is not allowed; use 0 (greedy) or a positive number")
-        if top_k is not None and top_k < 1:
-            raise ChoicelmError(f"top_k={top_k} is not allowed; use a positive number or None")
-        rng = np.random.default_rng(seed)
-        out, ctx = [], list(context)
-        for _ in range(max_tokens):
-            lp = self.next_token_logprobs(ctx)
-            if self.kind == "ids":
-                lp[self.unk_id] = -np.inf
-            if not stop_at_eos:
-                lp[self.eos_id] = -np.inf
-            if temperature == 0:
-                nxt = int(np.argmax(lp))
-            else:
-                z = lp / temperature
-                if top_k is not None and top_k < len(z):
-                    z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-                p = np.exp(z - z.max())
-                nxt = int(rng.choice(len(p), p=p / p.sum()))
-            if nxt == self.eos_id:
-                break
-            out.append(nxt)
-            ctx.append(nxt)
-        return out
-
     # --- save / load
 
     def save(self, out_dir: str | os.PathLike) -> Path:

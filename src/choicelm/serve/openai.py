@@ -7,14 +7,13 @@ request becomes generation options.
 """
 
 import json
-import math
 import re
 
+from ..generation.config import GenerationConfig, OptionError, request_fields, request_options
 from .errors import APIError
 
-# fields both endpoints take, and what each must be
-COMMON = ("model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
-          "stream", "stream_options", "user", "top_k", "min_p", "repetition_penalty")
+# fields both endpoints take: the generation options' (declared in generation/config.py) and these
+COMMON = ("model", "max_tokens", "stream", "stream_options", "user", *sorted(request_fields()))
 COMPLETION_FIELDS = set(COMMON) | {"prompt", "echo", "logprobs", "best_of", "suffix"}
 CHAT_FIELDS = set(COMMON) | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 # fields we accept only at their "off" value
@@ -82,24 +81,6 @@ def _show(value) -> str:
 # ----------------------------------------------------------------------------- fields
 
 
-def _number(body: dict, name: str, low: float, high: float, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"{name} must be a number, got {_show(value)}", name, "invalid_type")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond float range
-        number = math.inf if value > 0 else -math.inf
-    if not math.isfinite(number):
-        raise APIError(400, f"{name} must be a finite number, got {_show(value)}", name, "invalid_value")
-    if not low <= number <= high:
-        raise APIError(400, f"{name}={_show(value)} is out of range; it must be between {low} and {high}", name,
-                       "invalid_value")
-    return number
-
-
 def _integer(body: dict, name: str, low: int, high: int | None, default):
     value = body.get(name)
     if value is None:
@@ -121,18 +102,6 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise APIError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings", "stop",
-                       "invalid_value")
-    return stop
-
-
 def refuse_unsupported(body: dict, allowed: set[str]) -> None:
     for name, value in body.items():
         if name not in allowed:
@@ -147,22 +116,20 @@ def refuse_unsupported(body: dict, allowed: set[str]) -> None:
 
 
 class Options:
-    """The sampling part of a request, checked: becomes a GenerationConfig per prompt."""
+    """The generation part of a request, checked by the generation config (the one validator; OpenAI's limits):
+    becomes a GenerationConfig per prompt."""
 
     def __init__(self, body: dict, max_batch: int):
-        self.temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
-        self.top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
-        if self.top_p == 0:
-            raise APIError(400, "top_p=0 keeps no token; use a value in (0, 1], or temperature=0 for greedy", "top_p",
-                           "invalid_value")
-        self.top_k = _integer(body, "top_k", 0, None, 0)
-        self.min_p = _number(body, "min_p", 0.0, 1.0, 0.0)
-        self.repetition_penalty = _number(body, "repetition_penalty", 1e-6, 1e6, 1.0)
-        self.presence_penalty = _number(body, "presence_penalty", -2.0, 2.0, 0.0)
-        self.frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0, 0.0)
-        self.n = _integer(body, "n", 1, max_batch, 1)
-        self.seed = _integer(body, "seed", 0, 2**63 - 1 - max_batch, None)
-        self.stop = _stop(body)
+        try:
+            self.options = request_options(body)
+            GenerationConfig(**self.options)  # options that clash (greedy with top_p, or with n > 1)
+        except OptionError as e:
+            raise APIError(400, str(e), e.field, "invalid_type" if e.kind == "type" else "invalid_value") from None
+        self.n = self.options.get("num_return_sequences", 1)
+        if self.n > max_batch:
+            raise APIError(400, f"n={self.n} is out of range; it must be between 1 and {max_batch} (the server's "
+                                "--max-batch)", "n", "invalid_value")
+        self.stop = self.options.get("stop", [])
         self.stream = _bool(body, "stream")
         so = body.get("stream_options")
         if so is not None and (not isinstance(so, dict) or set(so) - {"include_usage"}):
@@ -171,21 +138,9 @@ class Options:
         if so is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options", "invalid_value")
         self.include_usage = _bool(so or {}, "include_usage")
-        if self.temperature == 0:
-            given = [name for name, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0)) if getattr(self, name) != off]
-            if given:
-                raise APIError(400, f"temperature=0 is greedy decoding, which ignores {', '.join(given)}; drop them "
-                                    "or use a temperature > 0", given[0], "invalid_value")
-            if self.n > 1:
-                raise APIError(400, "temperature=0 is greedy decoding: n > 1 would give n identical choices; use n=1 "
-                                    "or a temperature > 0", "n", "invalid_value")
 
     def generation_config(self, lm, max_tokens: int, stop: list[str]):
-        return lm.generation_config(
-            max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k or None,
-            top_p=self.top_p if self.top_p < 1 else None, min_p=self.min_p or None,
-            repetition_penalty=self.repetition_penalty if self.repetition_penalty != 1 else None,
-            seed=self.seed, stop=stop)
+        return lm.generation_config(**{**self.options, "max_new_tokens": max_tokens, "stop": stop})
 
 
 def check_model(model_id, name: str) -> None:

@@ -61,8 +61,7 @@ class Job:
         try:
             for i, (ids, mt) in enumerate(zip(prompts, max_tokens)):
                 cfg = opts.generation_config(ctx.lm, mt, stop)
-                req = Request(ids, cfg, self.events.put, n=opts.n, presence_penalty=opts.presence_penalty,
-                              frequency_penalty=opts.frequency_penalty, index_base=i * opts.n, logprobs=logprobs)
+                req = Request(ids, cfg, self.events.put, index_base=i * opts.n, logprobs=logprobs)
                 self.scheduler.submit(req)
                 self.requests.append(req)
         except QueueFull as e:
