@@ -171,3 +171,39 @@ def test_non_utf8_file_names_file_and_offset(tmp_path, capsys):
                    "--errors", "skip") == 0
     assert run_cli("tokenizer", "train", "--input", good, "--vocab-size", 300, "--out", tmp_path / "t") == 2
     assert "already holds a tokenizer" in capsys.readouterr().err
+
+
+def exit_code_and_stderr(capsys, *args) -> tuple[int, str]:
+    """Run the CLI in-process: (exit status, stderr), whether it returned or raised SystemExit (argparse)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "--checkpoint", "x", "--port", "99999"], "--port: 99999 is out of range; use an integer from 1 to 65535"),
+    (["serve", "--checkpoint", "x", "--max-batch", "0"], "--max-batch: 0 is out of range"),
+    (["pretrain"], "the following arguments are required: --out"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["prepare", "--input", "a", "--tokenizer", "t", "--out", "o", "--val-fraction", "nan"], "not a finite number"),
+    (["evaluate", "--checkpoint", "x", "--data", "d", "--batch-size", "-3"], "--batch-size: -3 is out of range"),
+])
+def test_usage_errors_are_one_line_too(capsys, args, message):
+    """argparse's own errors (usage + message) come out as the one `choicelm: error:` line every other error is."""
+    code, err = exit_code_and_stderr(capsys, *args)
+    assert code == 2 and err.startswith("choicelm: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_every_verb_has_its_own_small_parser_function():
+    """build_parser is a table of one function per verb (issue 17): none of them grows into a god function."""
+    import inspect
+
+    from choicelm import cli
+
+    assert len(inspect.getsource(cli.build_parser).splitlines()) < 15
+    makers = [f for name, f in vars(cli).items() if name.endswith("_parser") and name.startswith("_")
+              and inspect.isfunction(f)]
+    assert len(makers) == 11 and all(len(inspect.getsource(f).splitlines()) < 45 for f in makers)
