@@ -144,6 +144,14 @@ def _decide(out_dir: Path, resume: str | None, overwrite: bool) -> _Decision:
             if overwrite:
                 raise ChoicelmError(f"--overwrite would delete {source}, the checkpoint --resume names; drop "
                                     "--overwrite to continue the run from it")
+            step = ckpt.read_info(source).step
+            newer = [c for c in ckpt.list_checkpoints(out_dir) if c.step > step]
+            if newer:  # rewinding would replace them (and the metrics after `step`), and pruning would count them
+                raise ChoicelmError(f"--resume {source} is older than this run's newer checkpoint(s) "
+                                    f"{', '.join(c.path.name for c in newer)}: continuing from step {step} in "
+                                    f"{out_dir} would replace them and the metrics after step {step}, so nothing was "
+                                    f"changed; continue the run with --resume auto, or start a new --out from "
+                                    f"{source} (--resume {source} --out NEW_DIR)")
             return _Decision(source, False)
         if is_run and not overwrite:
             raise ChoicelmError(f"--resume {resume} is a checkpoint of another run, and --out {out_dir} already holds "
