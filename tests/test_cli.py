@@ -207,3 +207,39 @@ def test_every_verb_has_its_own_small_parser_function():
     makers = [f for name, f in vars(cli).items() if name.endswith("_parser") and name.startswith("_")
               and inspect.isfunction(f)]
     assert len(makers) == 11 and all(len(inspect.getsource(f).splitlines()) < 45 for f in makers)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00garbage\xff\xfe", "is damaged"),
+    (b"step,train_loss\n1,\xff\xfe\n", "is damaged"),
+    (b"hello world\nthis is not csv\n", "has no step column"),
+    (b"step,train_loss\n1,2.5\n2,abc\n", "is damaged at line 3"),
+    (b"step,train_loss,val_loss\n1,2.5,3\n2,2.4\n", "is damaged at line 3"),
+    (b"step,train_loss\n,2.5\n", "is damaged at line 2"),
+    (b'step,train_loss\n1,"2.5\n', "is damaged"),
+])
+def test_plot_of_a_garbled_metrics_file_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "metrics.csv").write_bytes(content)
+    code, err = exit_code_and_stderr(capsys, "plot", tmp_path)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no plots folder made
+
+
+@pytest.mark.parametrize("missing,args,extra", [
+    ("matplotlib", ["plot", "RUN"], "plot"),
+    ("uvicorn", ["serve", "--checkpoint", "RUN"], "serve"),
+    ("fastapi", ["serve", "--checkpoint", "RUN"], "serve"),
+])
+def test_a_missing_optional_package_names_the_extra(trained, capsys, monkeypatch, missing, args, extra):
+    """As if the package were not installed: an import of it fails (None in sys.modules makes import raise
+    ModuleNotFoundError naming it). One line naming the package and `pip install 'choicelm[EXTRA]'`."""
+    import sys as _sys
+
+    for name in list(_sys.modules):
+        if name == missing or name.startswith(missing + ".") or name.startswith("choicelm.serve.app"):
+            monkeypatch.delitem(_sys.modules, name)
+    monkeypatch.setitem(_sys.modules, missing, None)
+    argv = [str(trained / "run") if a == "RUN" else a for a in args]
+    code, err = exit_code_and_stderr(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"needs the optional package {missing}" in err and f"pip install 'choicelm[{extra}]'" in err

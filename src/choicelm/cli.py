@@ -31,7 +31,7 @@ import os
 import shlex
 import sys
 
-from .core.errors import ChoicelmError, StoppedBySignal
+from .core.errors import ChoicelmError, StoppedBySignal, as_os_error
 
 
 def _comma_list(value: str) -> list[str]:
@@ -473,14 +473,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"choicelm: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except OSError as e:
-        return _fail(os_error_message(e))
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if top not in EXTRAS:
             raise
         return _fail(f"`choicelm {args.verb}` needs the optional package {top}, which is not installed; install it "
                      f"with: pip install 'choicelm[{EXTRAS[top]}]'")
+    except Exception as e:  # OSError, or one a Rust library turned into its own type (safetensors' full disk)
+        os_error = as_os_error(e)
+        if os_error is None:
+            raise
+        return _fail(os_error_message(os_error))
     return 0
 
 
@@ -491,8 +494,8 @@ def _fail(message: str) -> int:
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _HINTS = {errno.ENOSPC: "free some space or write somewhere else", errno.EDQUOT: "free some space or write somewhere "
-          "else", errno.EROFS: "the file system is read-only; write somewhere else", errno.EACCES: "check its "
-          "permissions or write somewhere else", errno.EPERM: "check its permissions or write somewhere else"}
+          "else", errno.EROFS: "write somewhere else", errno.EACCES: "check its permissions or write somewhere else",
+          errno.EPERM: "check its permissions or write somewhere else"}
 
 
 def os_error_message(e: OSError) -> str:

@@ -49,7 +49,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .core.errors import ChoicelmError
+from .core.errors import ChoicelmError, naming
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +478,12 @@ def _train_char(texts: Iterator[tuple[Path, str]], vocab_size: int | None) -> To
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it, which a failure (a full disk) removes again."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with naming(path):
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -29,7 +29,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 
 from .config import Config
-from .errors import ChoicelmError
+from .errors import ChoicelmError, naming
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -99,11 +99,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Opti
         if optimizer is not None:
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(trainer_state, tmp / "trainer.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
+        with naming(tmp / "config.yaml"):
+            (tmp / "config.yaml").write_text(config_yaml)
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+            with naming(tmp / name):
+                (tmp / name).write_text(text)
         fsync_tree(tmp)
         if final.exists():  # an earlier, incomplete attempt at this step (it has no marker)
             shutil.rmtree(final)
@@ -114,7 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Opti
     fsync_dir(run_dir)
     marker = final / MARKER
     try:
-        with open(marker, "w") as f:
+        with naming(marker), open(marker, "w") as f:
             f.write(json.dumps({"step": step, "val_loss": val_loss}))
             f.flush()
             os.fsync(f.fileno())
@@ -124,30 +126,16 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Opti
     return final
 
 
-_OS_ERROR = re.compile(r"os error (\d+)")
-
-
 def _write_safetensors(model: torch.nn.Module, path: Path) -> None:
-    try:
+    with naming(path):  # safetensors reports a full disk as SafetensorError("... (os error 28)")
         save_model(model, str(path))
-    except Exception as e:  # safetensors reports a full disk as SafetensorError("... (os error 28)")
-        found = _OS_ERROR.search(str(e))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _torch_save(obj, path: Path) -> None:
     """torch.save through a Python file, so a full disk is an OSError naming `path` (torch.save(obj, path) raises a
     RuntimeError about a zip writer instead)."""
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror or os.strerror(e.errno or 0), str(path)) from None
+    with naming(path), open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def read_info(path: Path) -> CheckpointInfo | None:

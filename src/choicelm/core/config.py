@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ChoicelmError
+from .errors import ChoicelmError, naming
 
 
 class ConfigError(ChoicelmError, ValueError):
@@ -412,7 +412,8 @@ class Config:
         return cls(**parts)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        with naming(path):
+            Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,

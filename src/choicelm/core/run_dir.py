@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import ChoicelmError
+from .errors import ChoicelmError, naming
 
 # MoE runs only (empty otherwise); see models/moe.py summarize_stats. moe_val_loss_topk: validation loss with
 # teacher-forced top-k expert choice (non-causal), next to val_loss, which uses the causal rule generation uses.
@@ -25,8 +25,24 @@ COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_no
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    """The rows of RUN/metrics.csv as {column: float or None}; a file that is not such a table (garbled, cut, not
+    UTF-8, or without a step column) is a ChoicelmError naming the line."""
+    path = Path(run_dir) / "metrics.csv"
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, strict=True)
+            if "step" not in (reader.fieldnames or []):
+                raise ChoicelmError(f"{path} has no step column; it is not a choicelm metrics file")
+            for row in reader:
+                if None in row or any(v is None for v in row.values()) or not row["step"]:
+                    raise ValueError(f"{len(reader.fieldnames)} columns and a step expected")
+                rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
+    except (ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+        line = f" at line {reader.line_num}" if not isinstance(e, UnicodeDecodeError) else ""
+        raise ChoicelmError(f"{path} is damaged{line} ({' '.join(str(e).split())[:120]}); it is not the table "
+                            "choicelm writes (step,tokens,train_loss,...)") from None
+    return rows
 
 
 LOCK_FILE = ".lock"  # RUN/.lock: flocked by the process writing the run, for the run's lifetime
@@ -53,8 +69,9 @@ class RunLock:
         if not self.held:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._take(os.O_RDWR | os.O_CREAT)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        with naming(self.path):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def _take(self, flags: int) -> None:
         fd = os.open(self.path, flags, 0o644)

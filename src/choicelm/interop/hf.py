@@ -110,7 +110,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core import checkpoint as ckpt
 from ..core.config import Config, ModelConfig, MoEConfig
-from ..core.errors import ChoicelmError
+from ..core.errors import ChoicelmError, naming
 from ..models import build_model
 from ..models.bert import BERT as BertEncoder, config_from_hf_bert, load_hf_bert_state, state_dict_from_hf_bert
 from ..models.seq2seq import sinusoidal_table
@@ -833,7 +833,8 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | 
                     imported.arch, ", ".join(converted.initialised))
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with naming(tmp / "model.safetensors"):  # a full disk: an OSError naming the file, not a SafetensorError
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         Config(model=config, moe=imported.moe or MoEConfig()).save(tmp / "config.yaml")
         tok.save(tmp / "tokenizer")
         (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
@@ -884,7 +885,8 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool
                   and v is not None}
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with naming(tmp / "model.safetensors"):  # a full disk: an OSError naming the file, not a SafetensorError
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save(tmp)
