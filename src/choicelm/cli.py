@@ -90,6 +90,8 @@ def cmd_evaluate(args) -> None:
 
     metrics = _comma_list(args.metrics) if args.metrics else []
     several = len(args.checkpoint) > 1
+    if Path(args.data).is_file() and Path(args.data).suffix.lower() not in TASK_FILE_SUFFIXES:
+        raise ChoicelmError(_text_file_hint(args.data, args.checkpoint[0]))
     if Path(args.data).is_file():  # a task file: fine-tuning metrics
         from . import load
         from .evaluation.tasks import evaluate_file
@@ -111,6 +113,23 @@ def cmd_evaluate(args) -> None:
         print(format_table(compare(args.checkpoint, args.data, **options)))
         return
     print(json.dumps(evaluate(args.checkpoint[0], args.data, metrics or ["ppl"], **options), indent=1))
+
+
+TASK_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _text_file_hint(data: str, checkpoint: str) -> str:
+    """What to run when `evaluate --data` names a plain text file: perplexity reads a prepared folder."""
+    from .core.checkpoint import resolve_checkpoint
+
+    try:
+        tokenizer = resolve_checkpoint(checkpoint) / "tokenizer"
+    except ChoicelmError:
+        tokenizer = "CHECKPOINT/step-XXXXXXXX/tokenizer"
+    return (f"--data {data} is a plain file, but perplexity is measured on a folder written by `choicelm prepare` "
+            f"with the model's tokenizer: run `choicelm prepare --input {data} --tokenizer {tokenizer} --out DIR`, "
+            f"then `choicelm evaluate --checkpoint {checkpoint} --data DIR --split train` (all of its tokens); a task "
+            "file (.csv, .tsv, .jsonl) scores a fine-tuned model")
 
 
 def _generation_options(args) -> dict:
