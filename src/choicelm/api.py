@@ -138,6 +138,10 @@ class CountedLanguageModel(LanguageModel):
     """What `load` returns for an n-gram checkpoint: `.model` is the NGramLM (numpy, no forward);
     `.tokenizer` the data's tokenizer (or the model's word vocabulary); generate samples from it."""
 
+    @property
+    def is_classifier(self) -> bool:
+        return False  # an n-gram model has no classification head (and no .config)
+
     def generation_config(self, stop_at_eos: bool = True, **options):
         return None  # sampling options are checked by generate
 

@@ -166,7 +166,8 @@ class Trainer:
         t = cfg.train
         self.train_data, self.val_data = inputs.train, inputs.val if t.eval_every else None
 
-        # Every check that can still fail runs before --out is touched: only then is the old run replaced.
+        # Every check that can still fail runs before --out is touched: only then is the old run replaced. That
+        # includes building the model and restoring the checkpoint (a base or resume checkpoint that does not load).
         self.run_plan = plan_run_dir(out_dir, resume, overwrite, dist_info.is_main)
         try:
             resume_from = self.run_plan.resume_from
@@ -179,18 +180,25 @@ class Trainer:
             if self.val_data is not None:  # a split too short for one window fails now, not at the first evaluation
                 self.val_data.n_windows(cfg.model.block_size)
             check_fits_in_memory(cfg, device, t.micro_batch_size)
+            self._build(resume_from)
             self.run_plan.commit(dist_info.is_main)
         except BaseException:
             self.run_plan.release()
             raise
         barrier(dist_info)
 
+        model = compile_for_training(self.model) if t.compile else self.model
+        self.train_model = DDP(model) if dist_info.enabled else model
+
+    def _build(self, resume_from: Path | None) -> None:
+        """The model, optimizer and objective, seeded with train.seed, and the state of `resume_from` if given."""
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        self.model = inputs.build_model().to(device)
+        self.model = self.inputs.build_model().to(self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
-        self.bf16 = use_bf16(t.precision, device)
-        self.objective = inputs.objective_for(self.sampler)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.bf16 = use_bf16(t.precision, self.device)
+        self.objective = self.inputs.objective_for(self.sampler)
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.stop = GracefulStop()
@@ -203,9 +211,6 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.resumed_step = self.step if resume_from is not None else None
-
-        model = compile_for_training(self.model) if t.compile else self.model
-        self.train_model = DDP(model) if dist_info.enabled else model
 
     # --- resume -------------------------------------------------------------------------------
     def _check_resume_config(self, path: Path) -> None:
