@@ -243,3 +243,17 @@ def test_a_missing_optional_package_names_the_extra(trained, capsys, monkeypatch
     code, err = exit_code_and_stderr(capsys, *argv)
     assert code == 2 and err.count("\n") == 1, err
     assert f"needs the optional package {missing}" in err and f"pip install 'choicelm[{extra}]'" in err
+
+
+def test_a_metrics_row_cut_by_a_kill_is_left_out(trained, tmp_path):
+    """SIGKILL while a row is appended leaves a last line without its line end: plot reads the rows before it."""
+    import shutil
+
+    from choicelm.core.run_dir import read_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    text = (run / "metrics.csv").read_bytes()
+    (run / "metrics.csv").write_bytes(text + text.splitlines(keepends=True)[-1][:7])
+    assert len(read_metrics(run)) == len(read_metrics(trained / "run")) == 30
+    assert run_cli("plot", run) == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,23 +26,29 @@ COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_no
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of RUN/metrics.csv as {column: float or None}; a file that is not such a table (garbled, cut, not
-    UTF-8, or without a step column) is a ChoicelmError naming the line."""
+    """The rows of RUN/metrics.csv as {column: float or None}. A last line without its line end (a run killed while
+    appending it) is left out; a file that is otherwise not such a table (garbled, cut rows, not UTF-8, no step
+    column) is a ChoicelmError naming the line."""
     path = Path(run_dir) / "metrics.csv"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChoicelmError(f"{path} is damaged (not UTF-8 at byte offset {e.start}); it is not the table choicelm "
+                            "writes (step,tokens,train_loss,...)") from None
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     rows = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, strict=True)
-            if "step" not in (reader.fieldnames or []):
-                raise ChoicelmError(f"{path} has no step column; it is not a choicelm metrics file")
-            for row in reader:
-                if None in row or any(v is None for v in row.values()) or not row["step"]:
-                    raise ValueError(f"{len(reader.fieldnames)} columns and a step expected")
-                rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
-    except (ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
-        line = f" at line {reader.line_num}" if not isinstance(e, UnicodeDecodeError) else ""
-        raise ChoicelmError(f"{path} is damaged{line} ({' '.join(str(e).split())[:120]}); it is not the table "
-                            "choicelm writes (step,tokens,train_loss,...)") from None
+        if "step" not in (reader.fieldnames or []):
+            raise ChoicelmError(f"{path} has no step column; it is not a choicelm metrics file")
+        for row in reader:
+            if None in row or any(v is None for v in row.values()) or not row["step"]:
+                raise ValueError(f"{len(reader.fieldnames)} columns and a step expected")
+            rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
+    except (ValueError, csv.Error) as e:
+        raise ChoicelmError(f"{path} is damaged at line {reader.line_num} ({' '.join(str(e).split())[:120]}); it is "
+                            "not the table choicelm writes (step,tokens,train_loss,...)") from None
     return rows
 
 
