@@ -28,17 +28,19 @@ CONFIGS = ROOT / "configs"
 # --- the world the cases run against: good and damaged inputs, built once ------------------------------------
 
 class World(dict):
-    """name -> path; `w.new(name)` is a path that must still not exist after the case."""
+    """name -> path; `w.new(name)` is a path that must still not exist after the case (one folder per case, so a
+    case that wrongly writes cannot mask a later one by leaving its output behind)."""
 
     def __init__(self, root: Path, **paths):
         super().__init__(paths)
         self.root = root
+        self.case = "none"
 
     def __getattr__(self, name):
         return self[name]
 
     def new(self, name: str) -> Path:
-        return self.root / "new" / name
+        return self.root / "new" / self.case / name
 
 
 def cli(*args) -> int:
@@ -624,7 +626,7 @@ assert len(set(IDS)) == len(IDS), "duplicate case ids"
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(w, capsys, case):
-    _, make_argv, expected = case
+    w.case, make_argv, expected = case
     argv = make_argv(w)
     before = snapshot(w.root, w.tok, w.data)
     capsys.readouterr()
@@ -648,7 +650,8 @@ REAL = ["bogus-verb", "serve-port-high", "pre-lr-nan", "pre-config-list", "plot-
 
 @pytest.mark.parametrize("name", REAL)
 def test_the_real_entry_point_is_one_line_too(w, name):
-    _, make_argv, expected = CASES[IDS.index(name)]
+    w.case, make_argv, expected = CASES[IDS.index(name)]
+    w.case += "-real"
     before = snapshot(w.root)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "choicelm", *map(str, make_argv(w))], capture_output=True, text=True,

@@ -257,3 +257,14 @@ def test_a_metrics_row_cut_by_a_kill_is_left_out(trained, tmp_path):
     (run / "metrics.csv").write_bytes(text + text.splitlines(keepends=True)[-1][:7])
     assert len(read_metrics(run)) == len(read_metrics(trained / "run")) == 30
     assert run_cli("plot", run) == 0
+
+
+def test_the_continue_command_of_a_stopped_run():
+    """What a signal-stopped run prints to continue it: --resume auto replaces --resume PATH and drops --overwrite;
+    a study continues by the same command."""
+    from choicelm.cli import _resume_command
+
+    assert _resume_command(["pretrain", "--out", "r b", "--overwrite", "--resume", "x/step-00000002", "--a.b=1"]) == \
+        "choicelm pretrain --out 'r b' --a.b=1 --resume auto"
+    assert _resume_command(["finetune", "--resume=auto", "--out", "r"]) == "choicelm finetune --out r --resume auto"
+    assert _resume_command(["study", "routing", "--out", "s"]) == "choicelm study routing --out s"

@@ -530,7 +530,10 @@ def os_error_message(e: OSError) -> str:
 
 
 def _resume_command(argv: list[str]) -> str:
-    """The command line that continues a stopped run: the same flags with --resume auto, without --overwrite."""
+    """The command line that continues a stopped run: the same flags with --resume auto, without --overwrite (a
+    study resumes its runs when the same command runs again)."""
+    if argv[:1] not in (["pretrain"], ["finetune"]):
+        return shlex.join(["choicelm", *argv])
     out, skip = ["choicelm"], False
     for arg in argv:
         if skip:

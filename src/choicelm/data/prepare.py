@@ -56,12 +56,18 @@ def prepare(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLike, o
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # innermost first
     tmp.mkdir(parents=True)
     try:
         manifest = _write_all(tok, files, val_set, method, val_fraction, errors, shard_tokens, tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # a failed prepare leaves the disk as it found it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     splits = manifest["splits"]
     log.info("prepared %s in %.1fs: %s", out, time.perf_counter() - started,
