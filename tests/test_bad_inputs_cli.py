@@ -502,7 +502,7 @@ CASES = [
     ("ev-max-batches", lambda w: E(w, "--checkpoint", w.run, "--data", w.data, "--max-batches", "-1"),
      "--max-batches: -1 is out of range"),
     ("ev-stride-zero", lambda w: E(w, "--checkpoint", w.run, "--data", w.data, "--stride", "0"),
-     "--stride: 0 is out of range"),
+     "--stride 0 must be a positive number of tokens"),
     ("ev-stride-long", lambda w: E(w, "--checkpoint", w.run, "--data", w.data, "--stride", "1000"),
      "is longer than the model's block size 32"),
     ("ev-num-beams", lambda w: E(w, "--checkpoint", w.run, "--data", w.data, "--num-beams", "0"), "out of range"),

@@ -375,7 +375,7 @@ def _evaluate_parser(verbs) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches "
                                                                            "(default: all)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="ppl of a GPT: score windows of block_size "
+    p.add_argument("--stride", type=int, default=None, help="ppl of a GPT: score windows of block_size "
                    "tokens every STRIDE tokens, each token once (default block_size // 2; block_size = "
                    "non-overlapping windows)")
     p.add_argument("--device", default="auto")
