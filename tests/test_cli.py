@@ -171,3 +171,100 @@ def test_non_utf8_file_names_file_and_offset(tmp_path, capsys):
                    "--errors", "skip") == 0
     assert run_cli("tokenizer", "train", "--input", good, "--vocab-size", 300, "--out", tmp_path / "t") == 2
     assert "already holds a tokenizer" in capsys.readouterr().err
+
+
+def exit_code_and_stderr(capsys, *args) -> tuple[int, str]:
+    """Run the CLI in-process: (exit status, stderr), whether it returned or raised SystemExit (argparse)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "--checkpoint", "x", "--port", "99999"], "--port: 99999 is out of range; use an integer from 1 to 65535"),
+    (["serve", "--checkpoint", "x", "--max-batch", "0"], "--max-batch: 0 is out of range"),
+    (["pretrain"], "the following arguments are required: --out"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["prepare", "--input", "a", "--tokenizer", "t", "--out", "o", "--val-fraction", "nan"], "not a finite number"),
+    (["evaluate", "--checkpoint", "x", "--data", "d", "--batch-size", "-3"], "--batch-size: -3 is out of range"),
+])
+def test_usage_errors_are_one_line_too(capsys, args, message):
+    """argparse's own errors (usage + message) come out as the one `choicelm: error:` line every other error is."""
+    code, err = exit_code_and_stderr(capsys, *args)
+    assert code == 2 and err.startswith("choicelm: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_every_verb_has_its_own_small_parser_function():
+    """build_parser is a table of one function per verb (issue 17): none of them grows into a god function."""
+    import inspect
+
+    from choicelm import cli
+
+    assert len(inspect.getsource(cli.build_parser).splitlines()) < 15
+    makers = [f for name, f in vars(cli).items() if name.endswith("_parser") and name.startswith("_")
+              and inspect.isfunction(f)]
+    assert len(makers) == 11 and all(len(inspect.getsource(f).splitlines()) < 45 for f in makers)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00garbage\xff\xfe", "is damaged"),
+    (b"step,train_loss\n1,\xff\xfe\n", "is damaged"),
+    (b"hello world\nthis is not csv\n", "has no step column"),
+    (b"step,train_loss\n1,2.5\n2,abc\n", "is damaged at line 3"),
+    (b"step,train_loss,val_loss\n1,2.5,3\n2,2.4\n", "is damaged at line 3"),
+    (b"step,train_loss\n,2.5\n", "is damaged at line 2"),
+    (b'step,train_loss\n1,"2.5\n', "is damaged"),
+])
+def test_plot_of_a_garbled_metrics_file_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "metrics.csv").write_bytes(content)
+    code, err = exit_code_and_stderr(capsys, "plot", tmp_path)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no plots folder made
+
+
+@pytest.mark.parametrize("missing,args,extra", [
+    ("matplotlib", ["plot", "RUN"], "plot"),
+    ("uvicorn", ["serve", "--checkpoint", "RUN"], "serve"),
+    ("fastapi", ["serve", "--checkpoint", "RUN"], "serve"),
+])
+def test_a_missing_optional_package_names_the_extra(trained, capsys, monkeypatch, missing, args, extra):
+    """As if the package were not installed: an import of it fails (None in sys.modules makes import raise
+    ModuleNotFoundError naming it). One line naming the package and `pip install 'choicelm[EXTRA]'`."""
+    import sys as _sys
+
+    for name in list(_sys.modules):
+        if name == missing or name.startswith(missing + ".") or name.startswith("choicelm.serve.app"):
+            monkeypatch.delitem(_sys.modules, name)
+    monkeypatch.setitem(_sys.modules, missing, None)
+    argv = [str(trained / "run") if a == "RUN" else a for a in args]
+    code, err = exit_code_and_stderr(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"needs the optional package {missing}" in err and f"pip install 'choicelm[{extra}]'" in err
+
+
+def test_a_metrics_row_cut_by_a_kill_is_left_out(trained, tmp_path):
+    """SIGKILL while a row is appended leaves a last line without its line end: plot reads the rows before it."""
+    import shutil
+
+    from choicelm.core.run_dir import read_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    text = (run / "metrics.csv").read_bytes()
+    (run / "metrics.csv").write_bytes(text + text.splitlines(keepends=True)[-1][:7])
+    assert len(read_metrics(run)) == len(read_metrics(trained / "run")) == 30
+    assert run_cli("plot", run) == 0
+
+
+def test_the_continue_command_of_a_stopped_run():
+    """What a signal-stopped run prints to continue it: --resume auto replaces --resume PATH and drops --overwrite;
+    a study continues by the same command."""
+    from choicelm.cli import _resume_command
+
+    assert _resume_command(["pretrain", "--out", "r b", "--overwrite", "--resume", "x/step-00000002", "--a.b=1"]) == \
+        "choicelm pretrain --out 'r b' --a.b=1 --resume auto"
+    assert _resume_command(["finetune", "--resume=auto", "--out", "r"]) == "choicelm finetune --out r --resume auto"
+    assert _resume_command(["study", "routing", "--out", "s"]) == "choicelm study routing --out s"

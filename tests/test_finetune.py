@@ -228,18 +228,29 @@ def test_adversarial_fine_tuning_runs_and_changes_the_updates(bert_classifier, t
     assert not torch.equal(a["classifier.weight"], b["classifier.weight"])
 
 
-def test_resumed_fine_tuning_equals_an_uninterrupted_run(tasks, tmp_path):
-    common = ("classify", "bert-tiny.yaml", "train.csv", None, "--train.save_every=3", "--model.dropout=0.1")
-    run(tasks, tmp_path / "straight", *common, "--train.max_steps=6")
-    run(tasks, tmp_path / "split", *common, "--train.max_steps=3")
+def test_fine_tuning_killed_for_real_resumes_exactly(tasks, tmp_path):
+    """8 steps straight == the same command SIGKILLed after step 6 (checkpoint at 4) then --resume auto. Warmup 1 and
+    max_steps fixed, so the cosine schedule (which depends on max_steps) is live across the kill: a test that stops
+    at max_steps=4 and resumes with max_steps=8 would hide a schedule that ignores the restored position."""
+    from choicelm.train.loop import KILL_AFTER_STEP_ENV
+    from test_train import cli_subprocess, losses
+
     root, tok = tasks
-    finetune(load_config(ROOT / "configs" / "bert-tiny.yaml", [
-        "--finetune.task=classify", f"--finetune.train_file={root / 'train.csv'}", f"--finetune.tokenizer={tok}",
-        "--train.save_every=3", "--model.dropout=0.1", "--train.max_steps=6", "--train.progress=false"]),
-        tmp_path / "split", resume="auto")
-    a = choicelm.load(tmp_path / "straight").model.state_dict()
-    b = choicelm.load(tmp_path / "split").model.state_dict()
+    common = ["finetune", "--task", "classify", "--config", ROOT / "configs" / "bert-tiny.yaml", "--tokenizer", tok,
+              "--train", root / "train.csv", "--val", root / "val.csv", "--train.max_steps=8",
+              "--train.save_every=4", "--train.eval_every=3", "--model.dropout=0.1", "--optim.warmup_steps=1",
+              "--train.peak_flops=1e12"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main([str(a) for a in common + ["--out", straight]]) == 0
+    proc = cli_subprocess(*common, "--out", killed, env_extra={KILL_AFTER_STEP_ENV: "6"}, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert max(losses(killed)) == 6 and [c.step for c in ckpt.list_checkpoints(killed)] == [4]
+    assert main([str(a) for a in common + ["--out", killed, "--resume", "auto"]]) == 0
+    assert losses(killed) == losses(straight)  # no duplicated rows either
+    a = choicelm.load(straight).model.state_dict()
+    b = choicelm.load(killed).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((killed / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
 
 
 def test_evaluate_cli_scores_a_task_file(bert_classifier, tasks, capsys):

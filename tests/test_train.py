@@ -2,6 +2,11 @@
 runs, one process vs two (DDP), and every bad input the CLI promises to refuse."""
 
 import csv
+import random
+import re
+import shlex
+import signal
+import time
 import math
 import os
 import subprocess
@@ -15,10 +20,11 @@ from safetensors.torch import load_file
 
 from choicelm.cli import main
 from choicelm.core.config import load_config
+from choicelm.core.errors import ChoicelmError
 from choicelm.data.loader import LMBatchSampler, TokenDataset
 from choicelm.models import build_model
 from choicelm.core import checkpoint as ckpt
-from choicelm.train.loop import KILL_AFTER_STEP_ENV, NonFiniteLossError, pretrain
+from choicelm.train.loop import KILL_AFTER_STEP_ENV, STEP_SLEEP_ENV, NonFiniteLossError, pretrain
 from choicelm.core.run_dir import COLUMNS, read_metrics
 from choicelm.train.optim import lr_at
 
@@ -30,9 +36,13 @@ def run_cli(*args) -> int:
 
 
 def losses(run: Path) -> dict[int, str]:
-    """Per-step train loss as written (exact text, so equality is bit-level up to 10 digits)."""
+    """Per-step train loss as written (exact text, so equality is bit-level up to 10 digits). The rows must be
+    strictly increasing steps: a resume that duplicated or reordered rows fails here, not hidden in the dict."""
     with open(run / "metrics.csv") as f:
-        return {int(r["step"]): r["train_loss"] for r in csv.DictReader(f)}
+        rows = [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f)]
+    steps = [step for step, _ in rows]
+    assert steps == sorted(set(steps)), f"duplicated or out-of-order metrics rows: {steps}"
+    return dict(rows)
 
 
 def weights(step_dir: Path) -> dict:
@@ -426,3 +436,168 @@ def test_parameter_estimate_matches_the_built_model(overrides):
     cfg = load_config(TINY, ["--model.vocab_size=512", "--model.n_embd=64", *overrides])
     real = sum(p.numel() for p in build_model(cfg.model, cfg.moe).parameters())
     assert estimate_parameters(cfg) == pytest.approx(real, rel=0.05)
+
+
+# --- non-finite training: one line, never a checkpoint of nan weights (issue 18, item 7) ---------------------
+
+def test_weights_that_turn_inf_stop_the_run_before_anything_is_saved(prepared, tmp_path, capsys):
+    """lr=3e38 (finite, so the config allows it) blows the weights up to inf in one AdamW step: the run stops at the
+    next step in one line, with no checkpoint of those weights (it used to save them and exit 0)."""
+    _, data = prepared
+    run = tmp_path / "run"
+    assert run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--optim.lr=3e38",
+                   "--optim.warmup_steps=0", "--train.max_steps=4", "--train.eval_every=0") == 2
+    err = one_error_line(capsys)
+    assert "stopped at step 2: the weights are no longer finite" in err and "lower optim.lr" in err
+    assert ckpt.list_checkpoints(run) == [] and not list(run.glob("step-*")) and not list(run.glob(".tmp-*"))
+
+
+def test_a_run_that_ends_on_nonfinite_losses_saves_no_final_checkpoint(prepared, tmp_path, capsys):
+    """lr=1e30: the weights stay finite but huge, every later loss is nan (skipped), and the run reaches max_steps
+    before max_nonfinite; it must not end with exit 0 and a final checkpoint of a broken model, nor save one at a
+    skipped step (the save is deferred to the next step with a finite loss)."""
+    _, data = prepared
+    run = tmp_path / "run"
+    assert run_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--optim.lr=1e30",
+                   "--optim.warmup_steps=0", "--train.max_steps=4", "--train.eval_every=0", "--train.save_every=1") == 2
+    err = one_error_line(capsys)
+    assert "stopped at step 4: 3 non-finite losses in a row" in err and "the run ended there" in err
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [1]  # before the blow-up; never one after it
+
+
+# --- SIGINT / SIGTERM: finish the step, save, say how to resume (issue 18, item 5) ----------------------------
+
+def wait_for_rows(run: Path, n: int, proc) -> int:
+    """Block until RUN/metrics.csv has at least n rows (the child is training); returns the row count."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            rows = len(read_metrics(run))
+        except (OSError, ValueError, KeyError, ChoicelmError):
+            rows = 0
+        if rows >= n:
+            return rows
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+
+
+def wait_for_checkpoint_after(run: Path, step: int, proc) -> None:
+    """Block until RUN holds a complete checkpoint newer than `step`, or the child ended with status 0."""
+    deadline = time.monotonic() + 120
+    while not any(c.step > step for c in ckpt.list_checkpoints(run)):
+        if proc.poll() == 0:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.01)
+
+
+def popen_cli(*args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "choicelm", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_and_resume_continues_exactly(prepared, tmp_path, sig):
+    """A real signal from outside in the middle of a run: it finishes the step, writes a checkpoint (no periodic save
+    is due), exits 128+signal with one line naming the checkpoint and the command to continue; that command ends
+    with the same losses and weights as an uninterrupted run (rows every 3 steps: the partial window is saved too)."""
+    _, data = prepared
+    common = ["pretrain", "--config", TINY, "--data", data, "--train.max_steps=40", "--train.save_every=100",
+              "--train.eval_every=0", "--train.log_every=3", "--model.dropout=0.1", "--train.peak_flops=1e12"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli(*common, "--out", straight) == 0
+    proc = popen_cli(*common, "--out", stopped, env_extra={STEP_SLEEP_ENV: "0.05"})
+    wait_for_rows(stopped, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    (line,) = err.strip().splitlines()
+    found = re.fullmatch(rf"choicelm: stopped by {sig.name} after step (\d+); saved (\S+); to continue: (.+)", line)
+    assert found, line
+    step = int(found.group(1))
+    assert 6 <= step < 40 and found.group(2) == str(stopped / ckpt.step_dir_name(step))
+    assert [c.step for c in ckpt.list_checkpoints(stopped)] == [step] and not list(stopped.glob(".tmp-*"))
+    command = shlex.split(found.group(3))
+    assert command[:2] == ["choicelm", "pretrain"] and command[-2:] == ["--resume", "auto"]
+    assert run_cli(*command[1:]) == 0
+    assert losses(stopped) == losses(straight)
+    wa, wb = weights(straight / "step-00000040"), weights(stopped / "step-00000040")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving(prepared, tmp_path):
+    """Two SIGINTs within one (slow) step: the second does not wait for the step and the save; exit 130 in one
+    line, and the run keeps only what it had (no checkpoint, no temporary folder)."""
+    _, data = prepared
+    run = tmp_path / "run"
+    proc = popen_cli("pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=40",
+                     "--train.save_every=100", "--train.eval_every=0", "--train.peak_flops=1e12",
+                     env_extra={STEP_SLEEP_ENV: "3"})
+    rows = wait_for_rows(run, 1, proc)  # a step just ended: the next one sleeps 3 s
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("choicelm: interrupted (a second SIGINT stopped the run at once, without saving")
+    assert len(read_metrics(run)) == rows and not list(run.glob("step-*")) and not list(run.glob(".tmp-*"))
+
+
+# --- kills from outside at random moments, saves included (issue 18, tests that must be able to fail) ----------
+
+def test_random_sigkills_including_during_saves_never_break_an_exact_resume(prepared, tmp_path):
+    """A checkpoint every step (so most of a step's time is the save: model, optimizer, fsync, rename, marker,
+    pruning) and SIGKILL from outside at random moments, five times, each followed by --resume auto: the final
+    losses and weights equal an uninterrupted run's, metrics rows are never duplicated, and no kill leaves a
+    checkpoint that loads wrong (every complete one is resumed from at least once on the way)."""
+    _, data = prepared
+    common = ["pretrain", "--config", TINY, "--data", data, "--train.max_steps=20", "--train.save_every=1",
+              "--train.keep_last=2", "--train.eval_every=5", "--model.dropout=0.1", "--train.peak_flops=1e12"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(*common, "--out", straight) == 0
+    rng = random.Random(18)
+    resumed_from = []
+    for attempt in range(5):
+        extra = ["--resume", "auto"] if attempt else []
+        if attempt and not ckpt.list_checkpoints(killed):  # killed before its first checkpoint: start over
+            extra.append("--overwrite")
+        found = ckpt.list_checkpoints(killed)
+        proc = popen_cli(*common, "--out", killed, *extra)
+        wait_for_checkpoint_after(killed, found[-1].step if found else 0, proc)  # it is training: kill it soon
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.kill()
+        proc.communicate()
+        if proc.returncode == 0:  # it finished before the kill landed
+            break
+        found = ckpt.list_checkpoints(killed)
+        resumed_from.append(found[-1].step if found else 0)
+    assert run_cli(*common, "--out", killed, "--resume", "auto") == 0
+    assert len(resumed_from) >= 3 and resumed_from == sorted(set(resumed_from)), resumed_from
+    assert losses(killed) == losses(straight)
+    wa, wb = weights(straight / "step-00000020"), weights(killed / "step-00000020")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not list(killed.glob(".tmp-*")) and [c.step for c in ckpt.list_checkpoints(killed)][-1] == 20
+
+
+# --- resuming an older checkpoint of the same run loses nothing ------------------------------------------------
+
+def test_resume_from_an_older_checkpoint_of_the_run_is_refused(prepared, tmp_path, capsys):
+    """--resume RUN/step-2 while RUN holds step-4 and step-6: continuing would replace the newer checkpoints (and
+    keep_last counts by step number, so it pruned them). Refused with nothing changed; a new --out forks it."""
+    _, data = prepared
+    run, fork = tmp_path / "run", tmp_path / "fork"
+    common = ["pretrain", "--config", TINY, "--data", data, "--train.eval_every=0", "--train.save_every=2",
+              "--train.keep_last=3"]
+    assert run_cli(*common, "--out", run, "--train.max_steps=6") == 0
+    before = snapshot(run)
+    assert run_cli(*common, "--out", run, "--train.max_steps=8", "--resume", run / "step-00000002") == 2
+    err = one_error_line(capsys)
+    assert "older than this run's newer checkpoint(s) step-00000004, step-00000006" in err
+    assert "nothing was changed" in err and "--resume auto" in err and "--out NEW_DIR" in err
+    assert snapshot(run) == before
+    assert run_cli(*common, "--out", fork, "--train.max_steps=6", "--resume", run / "step-00000002") == 0
+    assert {s: v for s, v in losses(run).items() if s > 2} == losses(fork)

@@ -1,18 +1,34 @@
 """The chat page at / in a real headless browser (Debian's chromium driven by Playwright for Python): it loads the
 model list, streams a reply token by token, shows tokens/s, and the stop button ends the stream and frees the
-server's slot. Skipped, with the reason, when chromium or playwright is missing."""
+server's slot. Skipped, with the reason, when chromium or playwright is missing, except under CI=true, where the
+browser must be there (CI installs it): then every test here fails instead of skipping silently."""
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) to run the browser "
-                "test", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; "
-                                                            "no `playwright install` needed, Debian's chromium is used)")
+CHROMIUM = Path(os.environ.get("CHOICELM_CHROMIUM", "/usr/bin/chromium"))
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
+try:
+    from playwright import sync_api
+except ImportError:
+    sync_api = None
+MISSING = (f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) to run the browser test"
+           if not CHROMIUM.exists() else
+           "playwright is not installed (pip install playwright; no `playwright install` needed, Debian's chromium is "
+           "used)" if sync_api is None else None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def browser_is_available():
+    """Before any other fixture of this module: skip where the browser is missing, but fail under CI=true."""
+    if MISSING and IN_CI:
+        pytest.fail(f"CI=true and the browser test cannot run: {MISSING}", pytrace=False)
+    if MISSING:
+        pytest.skip(MISSING)
+
 
 import choicelm
 from choicelm.generation.chat import TURN_STOP, format_chat

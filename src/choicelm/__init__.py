@@ -12,8 +12,10 @@ from .core import __version__
 __all__ = ["__version__", "load"]
 
 
-def load(path, device: str = "auto"):
-    """Load a run directory or checkpoint; see choicelm.api.load."""
+def load(path, device: str = "auto", dtype: str | None = None):
+    """Load a run directory (its newest complete checkpoint) or a step-XXXXXXXX folder: a LanguageModel with
+    .model, .tokenizer, .generate, .stream (and .classify for a classifier). device: auto | cpu | cuda | cuda:N;
+    dtype: None (as stored) | "fp32" | "bf16". See choicelm.api.load."""
     from .api import load as _load
 
-    return _load(path, device)
+    return _load(path, device, dtype)

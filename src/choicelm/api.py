@@ -141,6 +141,10 @@ class CountedLanguageModel(LanguageModel):
     `.tokenizer` the data's tokenizer (or the model's word vocabulary); generate samples from it on the same
     engine and options as a neural model, one sequence at a time (no beam search)."""
 
+    @property
+    def is_classifier(self) -> bool:
+        return False  # an n-gram model has no classification head (and no .config)
+
     NEURAL_ONLY = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 
     def generation_config(self, stop_at_eos: bool = True, **options) -> GenerationConfig:

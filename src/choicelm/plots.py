@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core.errors import ChoicelmError
+from .core.errors import ChoicelmError, naming
 from .core.run_dir import read_metrics
 
 
@@ -40,7 +40,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax.legend()
     loss_png = out_dir / "loss.png"
     fig.tight_layout()
-    fig.savefig(loss_png, dpi=120)
+    with naming(loss_png):
+        fig.savefig(loss_png, dpi=120)
     plt.close(fig)
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
@@ -58,7 +59,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax1.set_title(f"{run_dir.name}: throughput")
     perf_png = out_dir / "throughput.png"
     fig.tight_layout()
-    fig.savefig(perf_png, dpi=120)
+    with naming(perf_png):
+        fig.savefig(perf_png, dpi=120)
     plt.close(fig)
     pngs = [loss_png, perf_png]
     if any(r.get("moe_load_max") is not None for r in rows):
@@ -104,7 +106,8 @@ def plot_routing_map(checkpoint: str | Path, path: str | Path, text: str = SAMPL
     axes[0, 0].set_title(f"routing map ({out.stats['routing']} rule, causal: {out.stats['causal']}): "
                          "a filled cell = the expert took the token")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with naming(path):
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -136,6 +139,7 @@ def _plot_expert_load(plt, series, name: str, path: Path) -> Path:
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with naming(path):
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -21,10 +21,12 @@ Special tokens, always ids 0, 1, 2: `<|endoftext|>` (end of document; `eot_id`),
 `<|endoftext|>` inside a string encodes to the special id (so it round-trips, but as one token);
 `encode(text, allow_special=False)` spells it as plain text instead (for text a user typed).
 
-Tokenizers from elsewhere (a Hugging Face GPT-2 or Llama folder, via `choicelm convert from-hf`)
+Tokenizers from elsewhere (a Hugging Face GPT-2, Llama or BERT folder, via `choicelm convert from-hf`)
 keep their own special tokens: `load` reads them from tokenizer_config.json (eos_token, bos_token,
 pad_token, mask_token), so an imported GPT-2 tokenizer has `eos_id` 50256 and `pad_id` None. The
 roles are `tok.special_tokens`; generation reads `eos_id`, and `pad_id_or_eos` when it must pad.
+`tok.kind` names what was imported: "wordpiece" (BERT), "unigram", "wordlevel", "bpe" (byte-level) or "char"
+(any other BPE, e.g. Llama's byte-fallback one).
 
 The saved folder loads in transformers: `PreTrainedTokenizerFast.from_pretrained(folder)` or
 `PreTrainedTokenizerFast(tokenizer_file=folder/"tokenizer.json")` give the same ids.
@@ -50,7 +52,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .core.errors import ChoicelmError
+from .core.errors import ChoicelmError, naming
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +368,8 @@ class Tokenizer:
         for token, i in self.hf.get_vocab(with_added_tokens=False).items():
             if self.kind == "bpe":
                 lengths[i] = len(token)  # byte-level alphabet: one character stands for one byte
+            elif self.kind == "wordpiece":  # "##ing" continues a word: the text is "ing"
+                lengths[i] = len(token.removeprefix("##").encode("utf-8"))
             else:
                 lengths[i] = 1 if _BYTE_TOKEN.fullmatch(token) else len(token.encode("utf-8"))
         for i, added in self.hf.get_added_tokens_decoder().items():
@@ -436,8 +440,14 @@ def _check_vocab_size(vocab_size: int | None, kind: str) -> None:
 
 
 def _infer_kind(hf: HFTokenizer) -> str:
-    """The kind follows from the decoder: ByteLevel is byte-level BPE, byte fallback is char."""
-    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    """The kind follows from the model and the decoder: an imported WordPiece (BERT), Unigram or WordLevel model is
+    that; a BPE with the ByteLevel decoder is byte-level BPE; any other BPE (choicelm's char vocabulary, Llama's
+    byte-fallback BPE) is counted as char (byte tokens <0xNN> are one byte each)."""
+    spec = json.loads(hf.to_str())
+    model = (spec.get("model") or {}).get("type")
+    if model in ("WordPiece", "Unigram", "WordLevel"):
+        return model.lower()
+    decoder = spec.get("decoder") or {}
     return "bpe" if decoder.get("type") == "ByteLevel" else "char"
 
 
@@ -494,6 +504,12 @@ def _train_char(texts: Iterator[tuple[Path, str]], vocab_size: int | None) -> To
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it, which a failure (a full disk) removes again."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with naming(path):
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

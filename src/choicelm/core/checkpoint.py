@@ -29,7 +29,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 
 from .config import Config
-from .errors import ChoicelmError
+from .errors import ChoicelmError, naming
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -82,34 +82,60 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer: torch.optim.Opti
                     val_loss: float | None, extra_files: dict[str, str] | None = None) -> Path:
     """Write RUN/step-XXXXXXXX atomically and return its path. `model` is an nn.Module (model.safetensors)
     or a counted model with .save(dir) (the n-gram's ngram.npz + ngram.json). extra_files: name -> text to
-    write beside them (e.g. labels.json)."""
+    write beside them (e.g. labels.json). A failure (a full disk, a second Ctrl-C) leaves no temporary folder
+    behind; an OSError names the file it could not write."""
     final = run_dir / step_dir_name(step)
+    if read_info(final) is not None:
+        raise ChoicelmError(f"{final} already holds a complete checkpoint; choicelm never replaces one in place")
     tmp = run_dir / f".tmp-{step_dir_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if isinstance(model, torch.nn.Module):
-        save_model(model, str(tmp / "model.safetensors"))
-    else:  # a counted model (n-gram) writes its own tables
-        model.save(tmp)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    fsync_tree(tmp)
-    if final.exists():  # an earlier, incomplete attempt at this step (it has no marker)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        if isinstance(model, torch.nn.Module):
+            _write_safetensors(model, tmp / "model.safetensors")
+        else:  # a counted model (n-gram) writes its own tables
+            model.save(tmp)
+        if optimizer is not None:
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(trainer_state, tmp / "trainer.pt")
+        with naming(tmp / "config.yaml"):
+            (tmp / "config.yaml").write_text(config_yaml)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        for name, text in (extra_files or {}).items():
+            with naming(tmp / name):
+                (tmp / name).write_text(text)
+        fsync_tree(tmp)
+        if final.exists():  # an earlier, incomplete attempt at this step (it has no marker)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(run_dir)
     marker = final / MARKER
-    marker.write_text(json.dumps({"step": step, "val_loss": val_loss}))
-    with open(marker, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        with naming(marker), open(marker, "w") as f:
+            f.write(json.dumps({"step": step, "val_loss": val_loss}))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a checkpoint without its marker is ignored and pruned; do not leave half a marker
+        marker.unlink(missing_ok=True)
+        raise
     return final
+
+
+def _write_safetensors(model: torch.nn.Module, path: Path) -> None:
+    with naming(path):  # safetensors reports a full disk as SafetensorError("... (os error 28)")
+        save_model(model, str(path))
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so a full disk is an OSError naming `path` (torch.save(obj, path) raises a
+    RuntimeError about a zip writer instead)."""
+    with naming(path), open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def read_info(path: Path) -> CheckpointInfo | None:
@@ -139,6 +165,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ChoicelmError(f"checkpoint {path} does not exist; pass a run directory or one of its step-XXXXXXXX folders")
     if read_info(path) is not None:
         return path
+    if (path / "config.json").is_file() and not (path / "config.yaml").exists():
+        raise ChoicelmError(f"{path} is a Hugging Face model folder, not a choicelm checkpoint; convert it first "
+                            f"with `choicelm convert from-hf {path} OUT` and pass OUT instead")
     if (path / "model.safetensors").exists() or STEP_DIR.match(path.name):
         raise ChoicelmError(f"checkpoint {path} is incomplete (no {MARKER} marker: the run was interrupted while "
                             f"saving it); use an earlier step-XXXXXXXX folder or the run directory")

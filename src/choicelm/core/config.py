@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ChoicelmError
+from .errors import ChoicelmError, naming
 
 
 class ConfigError(ChoicelmError, ValueError):
@@ -33,6 +34,19 @@ def _f(default: Any, help: str) -> Any:
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+INT_LIMIT = 2**63  # torch and numpy take integers (seeds, sizes) as int64
+
+
+def _numbers_in_range(section: str, obj: Any) -> None:
+    """Every float field is finite (no inf, no nan: nan passes every comparison) and every int fits in int64."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name}={value!r} must be a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT < value < INT_LIMIT:
+            raise ConfigError(f"{section}.{f.name}={value} is out of range (at most {INT_LIMIT - 1})")
 
 
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
@@ -85,6 +99,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        _numbers_in_range(s, self)
         _choice(s, "kind", self.kind, ("gpt", "lstm", "ngram", "seq2seq", "bert"))
         _choice(s, "norm", self.norm, ("layernorm", "rmsnorm"))
         _choice(s, "mlp", self.mlp, ("gelu", "swiglu", "silu"))
@@ -178,6 +193,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         s = "moe"
+        _numbers_in_range(s, self)
         _choice(s, "router", self.router, ("expert_choice", "expert_choice_causal", "token_choice"))
         _choice(s, "group", self.group, ("sequence", "batch"))
         _choice(s, "causal_mode", self.causal_mode, ("threshold", "predictor"))
@@ -214,6 +230,7 @@ class NGramConfig:
 
     def __post_init__(self) -> None:
         s = "ngram"
+        _numbers_in_range(s, self)
         _choice(s, "smoothing", self.smoothing, ("kneser_ney", "mle", "add_k"))
         _choice(s, "tokenizer", self.tokenizer, ("data", "words"))
         if not 1 <= self.order <= 6:
@@ -227,8 +244,9 @@ class FinetuneConfig:
     """Task fine-tuning (`choicelm finetune`): the task, its files, LoRA and adversarial training."""
 
     task: str = _f("", "classify (text -> label) | seq2seq (source -> target) | sft (chat/instruction replies)")
-    init: str = _f("", "the checkpoint to start from (--from): a choicelm run or step folder, or a Hugging Face "
-                       "model folder; empty = a fresh model from the model section (needs finetune.tokenizer)")
+    init: str = _f("", "the checkpoint to start from (--from): a choicelm run or step folder (convert a Hugging "
+                       "Face model folder first: choicelm convert from-hf HF_DIR OUT); empty = a fresh model from the "
+                       "model section (needs finetune.tokenizer)")
     tokenizer: str = _f("", "tokenizer folder for a fresh model (finetune.init empty)")
     train_file: str = _f("", "training examples (--train): .csv/.jsonl (classify), .tsv/.jsonl (seq2seq), .jsonl (sft)")
     val_file: str = _f("", "held-out examples in the same format (--val): validation loss during training and the "
@@ -256,6 +274,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         s = "finetune"
+        _numbers_in_range(s, self)
         _choice(s, "task", self.task, ("", "classify", "seq2seq", "sft"))
         _choice(s, "adversarial", self.adversarial, ("none", "fgm", "pgd"))
         _positive(s, self, "max_length", "max_target_length", "epochs", "lora_r", "adv_step_size", allow_zero=True)
@@ -304,6 +323,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         s = "optim"
+        _numbers_in_range(s, self)
         _choice(s, "name", self.name, ("adamw", "muon"))
         _choice(s, "schedule", self.schedule, ("cosine", "wsd", "constant"))
         _positive(s, self, "lr", "eps")
@@ -311,9 +331,12 @@ class OptimConfig:
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ConfigError(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
         _positive(s, self, "weight_decay", "grad_clip", "warmup_steps", allow_zero=True)
-        for name in ("min_lr_ratio", "beta1", "beta2", "decay_fraction"):
+        for name in ("min_lr_ratio", "decay_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("beta1", "beta2"):  # a beta of 1 never forgets: AdamW refuses it
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass
@@ -343,7 +366,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         s = "train"
+        _numbers_in_range(s, self)
         _choice(s, "precision", self.precision, ("auto", "bf16", "fp32"))
+        _positive(s, self, "seed", allow_zero=True)  # numpy's generators take no negative seeds
         _positive(s, self, "micro_batch_size", "max_steps", "keep_last", "max_nonfinite", "log_every", "eval_batches")
         _positive(s, self, "global_batch_size", "max_tokens", "max_time", "eval_every", "save_every",
                   "peak_flops", allow_zero=True)
@@ -373,7 +398,7 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
         unknown = set(raw) - set(SECTIONS)
         if unknown:
-            raise ConfigError(_unknown_message(source, sorted(unknown)[0], SECTIONS, "section"))
+            raise ConfigError(_unknown_message(source, sorted(map(str, unknown))[0], SECTIONS, "section"))
         parts = {}
         for name, section_cls in SECTIONS.items():
             values = raw.get(name) or {}
@@ -387,7 +412,8 @@ class Config:
         return cls(**parts)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        with naming(path):
+            Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
@@ -411,12 +437,16 @@ def _coerce(section_cls: type, key: str, value: Any, section: str) -> Any:
             if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
                 return value.lower() in ("true", "1", "yes", "on")
             raise ValueError
+        if isinstance(value, (bool, list, dict)):  # true is no number, and a list or mapping is no scalar
+            raise ValueError
         if target is int:
             as_float = float(value)
             if as_float != int(as_float):
                 raise ValueError
-            return int(as_float)
+            return int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else int(as_float)
         return target(value)
+    except OverflowError:  # int(float("1e400")): an infinite count
+        raise ConfigError(f"{section}.{key}={value!r} is out of range") from None
     except (TypeError, ValueError):
         raise ConfigError(f"{section}.{key}={value!r} must be of type {target.__name__}") from None
 
@@ -431,14 +461,24 @@ def parse_overrides(args: list[str]) -> dict:
             raise ConfigError(f"unexpected argument {arg!r}; config overrides look like --section.key=value")
         name, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):  # never take the next flag as the value
                 raise ConfigError(f"override --{name} needs a value: --{name}=VALUE")
             value = args[i + 1]
             i += 1
         section, _, key = name.partition(".")
-        out.setdefault(section, {})[key] = yaml.safe_load(value) if value != "" else ""
+        out.setdefault(section, {})[key] = _parse_value(value)
         i += 1
     return out
+
+
+def _parse_value(value: str) -> Any:
+    """A command-line value read as YAML (20, 1e-3, true, .inf), or the text itself where it is not YAML."""
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -461,9 +501,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
         source = str(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at byte offset "
+                              f"{e.start}); a config is a YAML file such as configs/tiny.yaml") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} holds a YAML {type(raw).__name__}, not a mapping of sections "
+                              f"({', '.join(SECTIONS)}); see configs/tiny.yaml")
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         raw = merge(raw, extra)

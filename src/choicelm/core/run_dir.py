@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import ChoicelmError
+from .errors import ChoicelmError, naming
 
 # MoE runs only (empty otherwise); see models/moe.py summarize_stats. moe_val_loss_topk: validation loss with
 # teacher-forced top-k expert choice (non-causal), next to val_loss, which uses the causal rule generation uses.
@@ -25,8 +26,30 @@ COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_no
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+    """The rows of RUN/metrics.csv as {column: float or None}. A last line without its line end (a run killed while
+    appending it) is left out; a file that is otherwise not such a table (garbled, cut rows, not UTF-8, no step
+    column) is a ChoicelmError naming the line."""
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChoicelmError(f"{path} is damaged (not UTF-8 at byte offset {e.start}); it is not the table choicelm "
+                            "writes (step,tokens,train_loss,...)") from None
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        if "step" not in (reader.fieldnames or []):
+            raise ChoicelmError(f"{path} has no step column; it is not a choicelm metrics file")
+        for row in reader:
+            if None in row or any(v is None for v in row.values()) or not row["step"]:
+                raise ValueError(f"{len(reader.fieldnames)} columns and a step expected")
+            rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
+    except (ValueError, csv.Error) as e:
+        raise ChoicelmError(f"{path} is damaged at line {reader.line_num} ({' '.join(str(e).split())[:120]}); it is "
+                            "not the table choicelm writes (step,tokens,train_loss,...)") from None
+    return rows
 
 
 LOCK_FILE = ".lock"  # RUN/.lock: flocked by the process writing the run, for the run's lifetime
@@ -53,8 +76,9 @@ class RunLock:
         if not self.held:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._take(os.O_RDWR | os.O_CREAT)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        with naming(self.path):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def _take(self, flags: int) -> None:
         fd = os.open(self.path, flags, 0o644)
@@ -144,6 +168,14 @@ def _decide(out_dir: Path, resume: str | None, overwrite: bool) -> _Decision:
             if overwrite:
                 raise ChoicelmError(f"--overwrite would delete {source}, the checkpoint --resume names; drop "
                                     "--overwrite to continue the run from it")
+            step = ckpt.read_info(source).step
+            newer = [c for c in ckpt.list_checkpoints(out_dir) if c.step > step]
+            if newer:  # rewinding would replace them (and the metrics after `step`), and pruning would count them
+                raise ChoicelmError(f"--resume {source} is older than this run's newer checkpoint(s) "
+                                    f"{', '.join(c.path.name for c in newer)}: continuing from step {step} in "
+                                    f"{out_dir} would replace them and the metrics after step {step}, so nothing was "
+                                    f"changed; continue the run with --resume auto, or start a new --out from "
+                                    f"{source} (--resume {source} --out NEW_DIR)")
             return _Decision(source, False)
         if is_run and not overwrite:
             raise ChoicelmError(f"--resume {resume} is a checkpoint of another run, and --out {out_dir} already holds "

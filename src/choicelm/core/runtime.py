@@ -10,13 +10,30 @@ import sys
 
 import torch
 
+from .errors import ChoicelmError
+
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto (CUDA if there is one, else CPU), cpu, cuda (this rank's GPU), cuda:N or mps; a device this torch cannot
+    use is a ChoicelmError, not a traceback from the first tensor moved there."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ChoicelmError(f"device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ChoicelmError(f"device {name!r}: {why}; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ChoicelmError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise ChoicelmError(f"device {name!r} is not available with this torch; use auto, cpu, cuda or cuda:N")
 
 
 def available_memory(device: torch.device) -> int | None:

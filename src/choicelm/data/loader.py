@@ -95,7 +95,15 @@ class TokenDataset:
             found = "is missing" if size is None else f"has {size:,} bytes"
             raise ChoicelmError(f"shard {path} {found} but the manifest says {tokens:,} tokens ({expected:,} "
                                 f"bytes); the data folder is damaged, run `choicelm prepare` again")
-        return np.memmap(path, dtype=self.dtype, mode="r", shape=(tokens,))
+        shard = np.memmap(path, dtype=self.dtype, mode="r", shape=(tokens,))
+        # Right size, wrong content (random bytes, another tokenizer's shard): one pass over the map (page cache
+        # speed, ~0.1 s per 128 MB shard) finds an id the model has no embedding for, before training reads it.
+        top = int(shard.max()) if tokens else 0
+        if top >= self.vocab_size:
+            raise ChoicelmError(f"shard {path} holds token id {top:,} but the vocabulary has {self.vocab_size:,} "
+                                f"tokens; the data folder is damaged or mixed with another tokenizer's shards, run "
+                                f"`choicelm prepare` again")
+        return shard
 
     def __len__(self) -> int:
         return self.tokens

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from ..core import __version__
-from ..core.errors import ChoicelmError
+from ..core.errors import ChoicelmError, naming
 from ..tokenizer import EOT, TextStats, Tokenizer, iter_text_files, list_text_files
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,18 @@ def prepare(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLike, o
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # innermost first
     tmp.mkdir(parents=True)
     try:
         manifest = _write_all(tok, files, val_set, method, val_fraction, errors, shard_tokens, tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # a failed prepare leaves the disk as it found it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     splits = manifest["splits"]
     log.info("prepared %s in %.1fs: %s", out, time.perf_counter() - started,
@@ -140,12 +146,22 @@ class ShardWriter:
                 self._open_next()
             room = self.shard_tokens - self.shards[-1]["tokens"]
             part, ids = ids[:room], ids[room:]
-            part.astype(self.dtype, copy=False).tofile(self._file)
+            with naming(self.folder / self.shards[-1]["file"]):  # numpy's tofile names no file nor errno
+                self._file.write(memoryview(np.ascontiguousarray(part, dtype=self.dtype)))
             self.shards[-1]["tokens"] += len(part)
 
     def close(self) -> list[dict]:
         self._close_file()
         return self.shards
+
+    def abort(self) -> None:
+        """Close the open shard without flushing it (after a failure; the folder is about to be deleted)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
     @property
     def tokens(self) -> int:
@@ -159,9 +175,10 @@ class ShardWriter:
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            with naming(self.folder / self.shards[-1]["file"]):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
             self._file = None
 
 
@@ -177,44 +194,50 @@ def _write_all(tok: Tokenizer, files: list[Path], val_set: set[Path], method: st
     stream = ShardWriter(tmp, "all", dtype, 2**62) if method == "fraction-tokens" else None
     docs: dict[str, list[Doc]] = {name: [] for name in writers}
 
-    for batch in _batches(iter_text_files(files, errors=errors, stats=stats)):
-        encoded = tok.encode_documents([text for _, _, text in batch])
-        for (path, n_bytes, _), ids in zip(batch, encoded):
-            ids = np.asarray(ids + [tok.eot_id], dtype=np.int64)
-            split = "val" if path in val_set else "train"
-            (writers[split] if stream is None else stream).write(ids)
-            docs[split].append(Doc(path, n_bytes, len(ids)))
-        log.info("encoded %d files, %.1f MB of text", len(stats.files), stats.total_bytes / 1e6)
+    try:
+        for batch in _batches(iter_text_files(files, errors=errors, stats=stats)):
+            encoded = tok.encode_documents([text for _, _, text in batch])
+            for (path, n_bytes, _), ids in zip(batch, encoded):
+                ids = np.asarray(ids + [tok.eot_id], dtype=np.int64)
+                split = "val" if path in val_set else "train"
+                (writers[split] if stream is None else stream).write(ids)
+                docs[split].append(Doc(path, n_bytes, len(ids)))
+            log.info("encoded %d files, %.1f MB of text", len(stats.files), stats.total_bytes / 1e6)
 
-    if stream is not None:
-        splits = _cut_stream(tok, stream, writers, docs["train"], val_fraction)
-    else:
-        splits = {name: (docs[name], sum(d.n_bytes for d in docs[name])) for name in writers}
-    for name, (split_docs, _) in splits.items():
-        if not split_docs:
-            raise ChoicelmError(f"the {name} split is empty: all its files were skipped as not UTF-8 text; "
-                                f"fix those files or choose other validation files")
+        if stream is not None:
+            splits = _cut_stream(tok, stream, writers, docs["train"], val_fraction)
+        else:
+            splits = {name: (docs[name], sum(d.n_bytes for d in docs[name])) for name in writers}
+        for name, (split_docs, _) in splits.items():
+            if not split_docs:
+                raise ChoicelmError(f"the {name} split is empty: all its files were skipped as not UTF-8 text; "
+                                    f"fix those files or choose other validation files")
 
-    tok.save(tmp / "tokenizer")
-    manifest = {
-        "format": "choicelm-tokens",
-        "version": FORMAT_VERSION,
-        "created_by": f"choicelm {__version__}",
-        "dtype": dtype.name,
-        "byteorder": "little",
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "tokenizer": {"dir": "tokenizer", "sha256": tok.sha256(), "kind": tok.kind},
-        "val_method": method,
-        "val_fraction": val_fraction,
-        "skipped_files": [str(p) for p in stats.skipped],
-        "splits": {name: {"tokens": writers[name].tokens,
-                          "bytes": n_bytes,
-                          "documents": len(split_docs),
-                          "files": [str(d.path) for d in split_docs],
-                          "shards": writers[name].close()}
-                   for name, (split_docs, n_bytes) in splits.items()},
-    }
+        tok.save(tmp / "tokenizer")
+        manifest = {
+            "format": "choicelm-tokens",
+            "version": FORMAT_VERSION,
+            "created_by": f"choicelm {__version__}",
+            "dtype": dtype.name,
+            "byteorder": "little",
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "tokenizer": {"dir": "tokenizer", "sha256": tok.sha256(), "kind": tok.kind},
+            "val_method": method,
+            "val_fraction": val_fraction,
+            "skipped_files": [str(p) for p in stats.skipped],
+            "splits": {name: {"tokens": writers[name].tokens,
+                              "bytes": n_bytes,
+                              "documents": len(split_docs),
+                              "files": [str(d.path) for d in split_docs],
+                              "shards": writers[name].close()}
+                       for name, (split_docs, n_bytes) in splits.items()},
+        }
+    except BaseException:
+        for writer in [*writers.values(), stream]:
+            if writer is not None:
+                writer.abort()  # close the open shard: a failed prepare keeps no descriptor into the folder
+        raise
     _write_json(tmp / "manifest.json", manifest)
     return manifest
 
@@ -273,7 +296,7 @@ def _cut_stream(tok: Tokenizer, stream: ShardWriter, writers: dict[str, ShardWri
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with naming(path), open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()

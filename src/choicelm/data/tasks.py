@@ -34,9 +34,31 @@ TASKS = ("classify", "seq2seq", "sft")
 # ----------------------------------------------------------------------------- reading files
 
 def _rows(path: Path, delimiter: str | None = None) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of a JSONL file (one object per line) or a CSV/TSV file with a header row."""
+    """(line number, row) of a JSONL file (one object per line) or a CSV/TSV file with a header row. A file that is
+    not UTF-8, or a CSV the csv module cannot read (a NUL byte, a field over its size limit), is a ChoicelmError."""
     if not path.is_file():
         raise ChoicelmError(f"data file {path} does not exist")
+    try:
+        yield from _read_rows(path, delimiter)
+    except UnicodeDecodeError:
+        _utf8_text(path)  # raises the ChoicelmError naming the line and byte
+        raise
+
+
+def _utf8_text(path: Path) -> str:
+    if not path.is_file():
+        raise ChoicelmError(f"data file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ChoicelmError(f"{path}:{line}: not UTF-8 text (invalid byte "
+                            f"0x{data[e.start]:02x} at byte offset {e.start}); convert the file to UTF-8 (e.g. iconv "
+                            "-f latin1 -t utf-8)") from None
+
+
+def _read_rows(path: Path, delimiter: str | None) -> Iterator[tuple[int, dict]]:
     suffix = path.suffix.lower()
     with open(path, encoding="utf-8", newline="") as f:
         if suffix in (".jsonl", ".json"):
@@ -52,8 +74,12 @@ def _rows(path: Path, delimiter: str | None = None) -> Iterator[tuple[int, dict]
                 yield n, row
         elif suffix in (".csv", ".tsv"):
             reader = csv.DictReader(f, delimiter=delimiter or ("\t" if suffix == ".tsv" else ","))
-            for row in reader:
-                yield reader.line_num, row
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except csv.Error as e:
+                raise ChoicelmError(f"{path}:{reader.line_num + 1}: cannot read this line as "
+                                    f"{suffix[1:].upper()} ({e}); fix the line") from None
         else:
             raise ChoicelmError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv or .jsonl")
 
@@ -88,7 +114,7 @@ def read_pairs(path: str | Path, source_column: str = "source", target_column: s
         pairs = [(_field(path, n, r, source_column), _field(path, n, r, target_column)) for n, r in _rows(path)]
     elif path.suffix.lower() == ".tsv":
         pairs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_utf8_text(path).splitlines(), 1):
             if not line.strip() or (n == 1 and line.split("\t") == [source_column, target_column]):
                 continue
             fields = line.split("\t")

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core import checkpoint as ckpt
 from ..core.config import Config, ModelConfig, MoEConfig
-from ..core.errors import ChoicelmError
+from ..core.errors import ChoicelmError, naming
 from ..models import build_model, registry
 from ..models.hf_mapping import ConversionError, Converted, HFAdapter, check_shapes
 from ..tokenizer import EOT, Tokenizer, read_special_tokens
@@ -315,7 +315,8 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | 
                     imported.arch, ", ".join(converted.initialised))
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with naming(tmp / "model.safetensors"):  # a full disk: an OSError naming the file, not a SafetensorError
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         Config(model=config, moe=imported.moe or MoEConfig()).save(tmp / "config.yaml")
         tok.save(tmp / "tokenizer")
         (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
@@ -363,7 +364,8 @@ def to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool
                   and v is not None}
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with naming(tmp / "model.safetensors"):  # a full disk: an OSError naming the file, not a SafetensorError
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save(tmp)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..core import checkpoint as ckpt
 from ..core.config import Config
-from ..core.errors import ChoicelmError
+from ..core.errors import ChoicelmError, StoppedBySignal
 from ..core.run_dir import plan_run_dir
 from ..core.runtime import autocast, available_memory, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import LMBatchSampler, StreamBatchSampler, TokenDataset, eval_batches
@@ -40,10 +41,47 @@ from .run_log import MetricsLog, measure_peak_flops, peak_memory_mb
 # Testing hook: SIGKILL this process right after the given step (and its checkpoint) completes,
 # so tests can prove that a real, uncatchable kill followed by --resume loses nothing.
 KILL_AFTER_STEP_ENV = "CHOICELM_DEBUG_KILL_AFTER_STEP"
+# Testing hook: sleep this many seconds in every step, so a test can signal a run in the middle of one.
+STEP_SLEEP_ENV = "CHOICELM_DEBUG_STEP_SLEEP"
 
 
 class NonFiniteLossError(ChoicelmError):
     pass
+
+
+class ImmediateStop(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while a run was finishing its step: stop at once (exit 128 + signal number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"a second {signal.Signals(signum).name} stopped the run at once, without saving; "
+                         "--resume auto continues from the newest complete checkpoint")
+        self.exit_code = 128 + signum
+
+
+class GracefulStop:
+    """While a run trains: the first SIGINT or SIGTERM is noted (the loop finishes the step, saves a checkpoint and
+    raises StoppedBySignal); a second one raises ImmediateStop at once. Handlers are installed only in the main
+    thread (Python delivers signals there) and restored on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise ImmediateStop(signum)
+        self.signum = signum
 
 
 def pretrain(cfg: Config, out_dir: str | Path, resume: str | None = None, overwrite: bool = False,
@@ -128,7 +166,8 @@ class Trainer:
         t = cfg.train
         self.train_data, self.val_data = inputs.train, inputs.val if t.eval_every else None
 
-        # Every check that can still fail runs before --out is touched: only then is the old run replaced.
+        # Every check that can still fail runs before --out is touched: only then is the old run replaced. That
+        # includes building the model and restoring the checkpoint (a base or resume checkpoint that does not load).
         self.run_plan = plan_run_dir(out_dir, resume, overwrite, dist_info.is_main)
         try:
             resume_from = self.run_plan.resume_from
@@ -141,20 +180,30 @@ class Trainer:
             if self.val_data is not None:  # a split too short for one window fails now, not at the first evaluation
                 self.val_data.n_windows(cfg.model.block_size)
             check_fits_in_memory(cfg, device, t.micro_batch_size)
+            self._build(resume_from)
             self.run_plan.commit(dist_info.is_main)
         except BaseException:
             self.run_plan.release()
             raise
         barrier(dist_info)
 
+        model = compile_for_training(self.model) if t.compile else self.model
+        self.train_model = DDP(model) if dist_info.enabled else model
+
+    def _build(self, resume_from: Path | None) -> None:
+        """The model, optimizer and objective, seeded with train.seed, and the state of `resume_from` if given."""
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        self.model = inputs.build_model().to(device)
+        self.model = self.inputs.build_model().to(self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.model.block_size)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
-        self.bf16 = use_bf16(t.precision, device)
-        self.objective = inputs.objective_for(self.sampler)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.bf16 = use_bf16(t.precision, self.device)
+        self.objective = self.inputs.objective_for(self.sampler)
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.stop = GracefulStop()
+        # steps since the last metrics row (saved with a checkpoint, so a resumed run writes the same rows)
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "data": 0.0}
         self.moe_stats, self.moe_aux = None, 0.0  # MoE routing stats of the last micro-batch, aux loss of the window
         self.moe_topk_eval = cfg.moe.enabled and cfg.moe.router != "token_choice"  # also log teacher-forced top-k loss
         self.nonfinite_total, self.nonfinite_streak = 0, 0
@@ -162,9 +211,6 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.resumed_step = self.step if resume_from is not None else None
-
-        model = compile_for_training(self.model) if t.compile else self.model
-        self.train_model = DDP(model) if dist_info.enabled else model
 
     # --- resume -------------------------------------------------------------------------------
     def _check_resume_config(self, path: Path) -> None:
@@ -196,6 +242,8 @@ class Trainer:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
         self.best_val = state["best_val"]
+        self.window = state.get("window", self.window)  # checkpoints before the window was saved: an empty one
+        self.moe_aux = state.get("moe_aux", 0.0)
         self.sampler.load_state_dict(state["sampler"])
         if hasattr(self.objective, "load_state_dict"):  # a recurrent model's carried state, one per rank
             if state["world_size"] != self.dist.world_size:
@@ -207,7 +255,8 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
-                "best_val": self.best_val, "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(),
+                "best_val": self.best_val, "window": dict(self.window), "moe_aux": self.moe_aux,
+                "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(),
                 "tokenizer_sha256": self.inputs.tokenizer_sha256,
                 "world_size": self.dist.world_size, "objective": self._objective_states}
 
@@ -274,6 +323,7 @@ class Trainer:
                 or (t.max_time and self.elapsed >= t.max_time))
 
     def _save(self, val_loss: float | None) -> Path | None:
+        self._refuse_nonfinite_weights()  # never a checkpoint of nan weights
         path = None
         has_state = hasattr(self.objective, "state_dict")
         self._objective_states = gather_objects(self.objective.state_dict(), self.dist) if has_state else None
@@ -289,9 +339,28 @@ class Trainer:
 
     def run(self) -> Path:
         try:
-            return self._run()
+            with self.stop:
+                return self._run()
         finally:
             self.run_plan.release()
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asked the run to stop, agreed by every rank (all stop after the same step), or None."""
+        if not self.dist.enabled:
+            return self.stop.signum
+        (asked,) = all_reduce_sum([float(self.stop.signum or 0)], self.dist, self.device)
+        return (self.stop.signum or signal.SIGTERM) if asked else None
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def _refuse_nonfinite_weights(self) -> None:
+        if not self._weights_finite():
+            newest = ckpt.list_checkpoints(self.out_dir)
+            kept = f"; the newest checkpoint is {newest[-1].path}" if newest else ""
+            raise NonFiniteLossError(
+                f"stopped at step {self.step}: the weights are no longer finite (inf or nan), so nothing more is "
+                f"saved{kept}; lower optim.lr, keep optim.grad_clip on, or try train.precision=fp32")
 
     def _run(self) -> Path:
         t, main = self.cfg.train, self.dist.is_main
@@ -302,15 +371,18 @@ class Trainer:
         peak = t.peak_flops or (measure_peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32)
                                 if main else 1.0)  # only rank 0 logs MFU
         kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0"))
+        step_sleep = float(os.environ.get(STEP_SLEEP_ENV, "0"))
         bar = _progress(t.max_steps, self.step, main and t.progress)
 
-        window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "data": 0.0}
+        window = self.window
         last_saved = last_evaluated = None
-        val_loss = None
+        val_loss, save_pending = None, False
         self.model.train()
         while not self._should_stop():
             t0 = time.perf_counter()
             loss, grad_norm, data_wait = self.train_step()
+            if step_sleep:
+                time.sleep(step_sleep)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
@@ -322,13 +394,18 @@ class Trainer:
             window["tokens"] += self.sampler.tokens_per_step
             window["time"] += dt
             window["data"] += data_wait
-            if self.nonfinite_streak >= t.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"stopped at step {self.step}: {self.nonfinite_streak} non-finite losses in a row (each step was "
-                    "skipped); lower optim.lr, keep optim.grad_clip on, or try train.precision=fp32")
+            final = self._should_stop()
+            if self.nonfinite_streak:  # this step's loss or gradient was inf/nan and the step was skipped
+                self._refuse_nonfinite_weights()  # the step before made the weights inf/nan: stop here
+                if self.nonfinite_streak >= t.max_nonfinite or final:
+                    newest = ckpt.list_checkpoints(self.out_dir)
+                    ended = " and the run ended there, so its last weights are not saved" if final else ""
+                    raise NonFiniteLossError(
+                        f"stopped at step {self.step}: {self.nonfinite_streak} non-finite losses in a row (each step "
+                        f"was skipped){ended}{f'; the newest checkpoint is {newest[-1].path}' if newest else ''}; "
+                        "lower optim.lr, keep optim.grad_clip on, or try train.precision=fp32")
 
             val_loss = None
-            final = self._should_stop()
             val_loss_topk = None
             if self.val_data is not None and (self.step % t.eval_every == 0 or final):
                 val_loss = self.evaluate()
@@ -351,15 +428,26 @@ class Trainer:
                     **self._moe_metrics(val_loss_topk, window["steps"])})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                window = {k: 0.0 if k != "steps" else 0 for k in window}
+                window.update({k: 0.0 if k != "steps" else 0 for k in window})
             bar.update(1)
-            if (t.save_every and self.step % t.save_every == 0) or final:
-                self._save(val_loss if last_evaluated == self.step else None)
-                last_saved = self.step
+            if (t.save_every and self.step % t.save_every == 0) or final or save_pending:
+                save_pending = bool(self.nonfinite_streak)  # a skipped step defers its save to the next good one
+                if not save_pending:
+                    self._save(val_loss if last_evaluated == self.step else None)
+                    last_saved = self.step
             if kill_after and self.step == kill_after:
                 if main:
                     log.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
+            signum = None if final else self._stop_requested()
+            if signum is not None:  # SIGINT/SIGTERM: this step is done; save it and stop
+                if last_saved != self.step:
+                    self._save(val_loss if last_evaluated == self.step else None)
+                bar.close()
+                if main:
+                    log.close()
+                raise StoppedBySignal(f"stopped by {signal.Signals(signum).name} after step {self.step}; saved "
+                                      f"{self.out_dir / ckpt.step_dir_name(self.step)}", signum)
         bar.close()
         already_saved = ckpt.read_info(self.out_dir / ckpt.step_dir_name(self.step)) is not None
         if last_saved != self.step and not already_saved:  # e.g. resumed a run that had already finished

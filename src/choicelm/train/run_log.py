@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import resource
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import naming
 from ..core.run_dir import COLUMNS
 
 class MetricsLog:
@@ -28,8 +30,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = run_dir / "metrics.csv"
         if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+                kept = [r for r in csv.DictReader(f) if (_row_step(r) or math.inf) <= resume_step]
             self._rewrite(kept)
         elif not self.path.exists() or resume_step is None:
             self._rewrite([])
@@ -39,14 +41,18 @@ class MetricsLog:
 
     def _rewrite(self, rows: list[dict]) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        try:
+            with naming(self.path), open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
+        with naming(self.path), open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=COLUMNS).writerow({k: _fmt(row.get(k)) for k in COLUMNS})
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and value == value:
@@ -57,6 +63,16 @@ class MetricsLog:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def _row_step(row: dict) -> int | None:
+    """The step of a whole metrics row; None for a row cut short (a kill in the middle of a write) or garbled."""
+    if None in row or any(v is None for v in row.values()):
+        return None
+    try:
+        return int(row["step"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _fmt(value):
