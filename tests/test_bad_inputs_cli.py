@@ -532,7 +532,7 @@ CASES = [
     ("gen-checkpoint-incomplete", lambda w: G(w, checkpoint=w.run_incomplete / "step-00000004"), "is incomplete"),
     ("gen-checkpoint-truncated", lambda w: G(w, checkpoint=w.run_truncated), "truncated or not a choicelm"),
     ("gen-checkpoint-damaged-markers", lambda w: G(w, checkpoint=w.run_nomarker), "holds no complete checkpoint"),
-    ("gen-classifier", lambda w: G(w, checkpoint=w.cls), "a BERT encoder does not generate text"),
+    ("gen-classifier", lambda w: G(w, checkpoint=w.cls), "a bert model does not generate text"),
     ("gen-device-cuda", lambda w: G(w, "--device", "cuda"), "device 'cuda'"),
     ("gen-device-bogus", lambda w: G(w, "--device", "tpu:0"), "device 'tpu:0'"),
     ("gen-no-prompt", lambda w: ["generate", "--checkpoint", w.run], "the following arguments are required: --prompt"),
@@ -542,7 +542,7 @@ CASES = [
     ("gen-temperature-negative", lambda w: G(w, "--temperature", "-1"), "temperature=-1.0 must be >= 0"),
     ("gen-seed-text", lambda w: G(w, "--seed", "abc"), "invalid int value: 'abc'"),
     ("chat-checkpoint-missing", lambda w: ["chat", "--checkpoint", w.new("run")], "does not exist"),
-    ("chat-classifier", lambda w: ["chat", "--checkpoint", w.cls], "a BERT encoder does not generate text"),
+    ("chat-classifier", lambda w: ["chat", "--checkpoint", w.cls], "a bert model does not generate text"),
     ("chat-device", lambda w: ["chat", "--checkpoint", w.run, "--device", "cuda:1"], "device 'cuda:1'"),
     ("chat-ngram-hf", lambda w: ["chat", "--checkpoint", w.hf], "is a Hugging Face model folder"),
 
@@ -602,7 +602,7 @@ CASES = [
                                         "dense", "--out", w.new("s"), "--max-tokens", "1000"], "does not exist"),
     ("study-config-ngram", lambda w: ["study", "routing", "--data", w.data, "--config", CONFIGS / "ngram.yaml",
                                       "--arms", "dense", "--out", w.new("s"), "--max-tokens", "1000"],
-     "needs a GPT base config"),
+     "needs a decoder base config that takes MoE layers"),
 
     # convert
     ("from-hf-missing", lambda w: ["convert", "from-hf", w.new("hf"), w.new("ck")], "does not exist"),

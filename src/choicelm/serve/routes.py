@@ -71,13 +71,18 @@ async def static(file: str, http: HTTPRequest):
     return FileResponse(path)
 
 
-@router.post("/v1/completions")
-async def completions(http: HTTPRequest):
+async def _checked_request(http: HTTPRequest, fields: set[str]):
+    """The server context, the request's JSON body and its generation options, every field checked."""
     ctx = http.app.state.ctx
     body = await read_json(http)
-    openai.refuse_unsupported(body, openai.COMPLETION_FIELDS)
+    openai.refuse_unsupported(body, fields)
     openai.check_model(body.get("model"), ctx.name)
-    opts = openai.Options(body, ctx.max_batch)
+    return ctx, body, openai.Options(body, ctx.max_batch)
+
+
+@router.post("/v1/completions")
+async def completions(http: HTTPRequest):
+    ctx, body, opts = await _checked_request(http, openai.COMPLETION_FIELDS)
     echo = openai.echo(body)
     logprobs = openai.completion_logprobs(body, opts.stream, echo)
     tokenizer = ctx.lm.tokenizer
@@ -94,11 +99,7 @@ async def completions(http: HTTPRequest):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(http: HTTPRequest):
-    ctx = http.app.state.ctx
-    body = await read_json(http)
-    openai.refuse_unsupported(body, openai.CHAT_FIELDS)
-    openai.check_model(body.get("model"), ctx.name)
-    opts = openai.Options(body, ctx.max_batch)
+    ctx, body, opts = await _checked_request(http, openai.CHAT_FIELDS)
     logprobs = openai.chat_logprobs(body, opts.stream)
     messages = openai.chat_messages(body.get("messages"))
     openai.check_length(sum(len(m["content"]) for m in messages), "messages", ctx.block, ctx.chars_per_token)
