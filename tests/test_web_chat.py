@@ -33,7 +33,7 @@ def browser_is_available():
 import choicelm
 from choicelm.generation.chat import TURN_STOP, format_chat
 
-from test_serve import httpx, make_checkpoint, running_server
+from test_serve import httpx, make_checkpoint, running_server, slowed
 
 # the flags a sandboxed root machine with a closed network needs (no background connections, no first-run UI)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,15 +49,8 @@ def lm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(lm):
     """The real server, its model slowed to >= 20 ms a step so a reply lasts long enough to be stopped."""
-    slow = choicelm.load(lm.checkpoint, "cpu")
-    forward = slow.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    slow.model.forward = slow_forward
-    with running_server(slow, max_batch=4) as url:
+    # slowed(): decodes through the slowed forward (the fused fast step would bypass a patched forward)
+    with running_server(slowed(choicelm.load(lm.checkpoint, "cpu"), 0.02), max_batch=4) as url:
         yield url
 
 
