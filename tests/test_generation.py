@@ -462,6 +462,22 @@ def test_cli_chat_keeps_history_and_obeys_reset_and_quit(run_dir, capsys, monkey
         session.prompt_for("y" * 70)
 
 
+def test_terminal_chat_encodes_a_typed_special_token_as_text(run_dir, monkeypatch):
+    """`choicelm chat` (ChatSession): `<|endoftext|>` typed in a message reaches the model as text, never as the
+    special token (issue 18 item 16, as the server does); the prompt text itself still shows it."""
+    from choicelm.generation.chat import ChatSession
+
+    lm = choicelm.load(run_dir, "cpu")
+    eot = lm.tokenizer.special_token_ids()["<|endoftext|>"]
+    session = ChatSession(lm, max_new_tokens=4, temperature=0)
+    message = "a <|endoftext|> b"
+    assert eot in lm.tokenizer.encode(session.prompt_for(message))  # what encoding the text would do
+    expected, seen = session.prompt_ids_for(message), []
+    monkeypatch.setattr(lm, "stream", lambda prompt, **options: seen.append(prompt) or iter(["x"]))
+    assert "".join(session.reply(message)) == "x"
+    assert seen == [expected] and eot not in expected
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_decode_layout_keeps_values_and_outputs(tmp_path, monkeypatch, onednn):
     """fp32: prepacked oneDNN linears, or without oneDNN weights re-stored [in, out]; same values and outputs."""

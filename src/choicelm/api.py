@@ -90,11 +90,13 @@ class LanguageModel:
             texts = [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, *, stop_at_eos: bool = True, **options) -> Iterator[str]:
-        """Yield the continuation of `prompt` as text deltas while it is generated (same options as
-        generate, one sequence). A delta never splits a UTF-8 character or shows part of a stop string."""
+    def stream(self, prompt: str | list[int], *, stop_at_eos: bool = True, **options) -> Iterator[str]:
+        """Yield the continuation of `prompt` (text, or token ids as they are) as text deltas while it is generated
+        (same options as generate, one sequence). A delta never splits a UTF-8 character or shows part of a stop
+        string."""
         cfg = self.generation_config(stop_at_eos, **options)
-        return stream_text(self.model, self.tokenizer, self.tokenizer.encode(prompt), cfg)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        return stream_text(self.model, self.tokenizer, ids, cfg)
 
 
 def load(path: str | Path, device: str = "auto", dtype: str | None = None) -> LanguageModel:

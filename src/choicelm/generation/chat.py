@@ -140,12 +140,19 @@ class ChatSession:
 
     def prompt_for(self, message: str) -> str:
         """The templated prompt, dropping the oldest turns until prompt + max_new_tokens fits the block size."""
+        return chat_prompt(self.lm.tokenizer, self._messages_for(message))
+
+    def prompt_ids_for(self, message: str) -> list[int]:
+        """prompt_for's token ids, special tokens written only by the template (typed ones stay text)."""
+        return chat_prompt_ids(self.lm.tokenizer, self._messages_for(message))
+
+    def _messages_for(self, message: str) -> list[dict]:
         room = self.lm.model.config.block_size - self.options["max_new_tokens"]
         history = list(self.history)
         while True:
-            prompt = chat_prompt(self.lm.tokenizer, history_messages(history, message, self.system))
-            if len(self.lm.tokenizer.encode(prompt)) <= room:
-                return prompt
+            messages = history_messages(history, message, self.system)
+            if len(chat_prompt_ids(self.lm.tokenizer, messages)) <= room:
+                return messages
             if not history:
                 raise ChoicelmError(f"the message is too long for the model's block size "
                                     f"({self.lm.model.config.block_size} tokens, {self.options['max_new_tokens']} "
@@ -155,7 +162,7 @@ class ChatSession:
     def reply(self, message: str) -> Iterator[str]:
         """Yield the reply's text deltas; the whole (stripped) reply joins the history at the end."""
         pieces: list[str] = []
-        for delta in self.lm.stream(self.prompt_for(message), **self.options):
+        for delta in self.lm.stream(self.prompt_ids_for(message), **self.options):
             if not pieces:
                 delta = delta.lstrip()  # the template leaves the space after "Assistant:" to the model
             if delta:
