@@ -20,15 +20,7 @@ from choicelm.cli import main
 from choicelm.core import checkpoint as ckpt
 
 from conftest import TINY
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+from test_cli import exit_code_and_stderr
 
 
 def one_line(err: str) -> str:
@@ -109,7 +101,7 @@ FREE = {"tokenizer": 8_000, "prepare": 40_000, "pretrain": 150_000, "to-hf": 60_
 @pytest.mark.parametrize("verb", VERBS)
 def test_a_full_disk_is_one_line_naming_the_file(disk, trained, capsys, verb):
     disk.fill(FREE[verb])
-    code, err = run_cli(capsys, *verb_writing_into(disk.path, trained)[verb])
+    code, err = exit_code_and_stderr(capsys, *verb_writing_into(disk.path, trained)[verb])
     line = one_line(err)
     assert code == 2 and ": No space left on device; free some space or write somewhere else" in line, line
     assert f"cannot write {disk.path}/" in line  # names the file (or folder) it could not write
@@ -121,7 +113,7 @@ def test_a_read_only_target_is_one_line(disk, trained, capsys, verb):
     disk.fill(10**6)
     (disk.path / "filler").unlink()
     disk.read_only()
-    code, err = run_cli(capsys, *verb_writing_into(disk.path, trained)[verb])
+    code, err = exit_code_and_stderr(capsys, *verb_writing_into(disk.path, trained)[verb])
     line = one_line(err)
     assert code == 2 and f"cannot write {disk.path}/" in line and ": Read-only file system" in line, line
 
@@ -138,7 +130,7 @@ def test_permission_denied_is_one_line(tmp_path, trained, capsys):
         except PermissionError:
             pass
         for verb in VERBS:
-            code, err = run_cli(capsys, *verb_writing_into(locked, trained)[verb])
+            code, err = exit_code_and_stderr(capsys, *verb_writing_into(locked, trained)[verb])
             assert code == 2 and "Permission denied; check its permissions" in one_line(err), (verb, err)
     finally:
         locked.chmod(0o755)
@@ -154,7 +146,7 @@ def test_torch_save_failing_mid_checkpoint_names_the_file_and_leaves_no_tmp(trai
     _, data, _ = trained
     monkeypatch.setattr(ckpt.torch, "save", enospc)
     run = tmp_path / "run"
-    code, err = run_cli(capsys, "pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=2",
+    code, err = exit_code_and_stderr(capsys, "pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=2",
                         "--train.eval_every=0", "--train.peak_flops=1e12")
     line = one_line(err)
     assert code == 2 and f"cannot write {run}/.tmp-step-00000002/optimizer.pt: No space left on device" in line
@@ -172,7 +164,7 @@ def test_safetensors_failing_names_the_weights_file(trained, tmp_path, capsys, m
 
     monkeypatch.setattr(ckpt, "save_model", full)
     run = tmp_path / "run"
-    code, err = run_cli(capsys, "pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=2",
+    code, err = exit_code_and_stderr(capsys, "pretrain", "--config", TINY, "--data", data, "--out", run, "--train.max_steps=2",
                         "--train.eval_every=0", "--train.peak_flops=1e12")
     assert code == 2 and f"cannot write {run}/.tmp-step-00000002/model.safetensors: No space left" in one_line(err)
     assert leftovers(run) == []
@@ -191,7 +183,7 @@ def test_a_tokenizer_write_failing_leaves_no_tmp_file(trained, tmp_path, capsys,
 
     monkeypatch.setattr(pathlib.Path, "write_text", write_text)
     out = tmp_path / "tok"
-    code, err = run_cli(capsys, *verb_writing_into(tmp_path, trained)["tokenizer"])
+    code, err = exit_code_and_stderr(capsys, *verb_writing_into(tmp_path, trained)["tokenizer"])
     assert code == 2 and f"cannot write {out}/tokenizer.json: No space left on device" in one_line(err)
     assert leftovers(out) == []
 
@@ -202,7 +194,7 @@ def test_a_shard_write_failing_names_the_shard(trained, tmp_path, capsys, monkey
     prepare = importlib.import_module("choicelm.data.prepare")  # the module (choicelm.data.prepare is also a function)
     monkeypatch.setattr(prepare.ShardWriter, "_open_next", lambda self: (
         setattr(self, "_file", FailingFile()), self.shards.append({"file": "train_000.bin", "tokens": 0})))
-    code, err = run_cli(capsys, *verb_writing_into(tmp_path, trained)["prepare"])
+    code, err = exit_code_and_stderr(capsys, *verb_writing_into(tmp_path, trained)["prepare"])
     line = one_line(err)
     assert code == 2 and "train_000.bin: No space left on device" in line and f"{tmp_path}/.data.tmp-" in line
     assert leftovers(tmp_path) == [] and not (tmp_path / "data").exists()
