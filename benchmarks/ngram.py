@@ -121,7 +121,7 @@ def bench_words(args) -> None:
 
 
 def bench_bpe(args) -> None:
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     files = shakespeare_files()
     n_bytes = sum(f.stat().st_size for f in files)

@@ -36,7 +36,7 @@ def make_checkpoint(root: Path, layers: int, width: int, heads: int, block: int)
     from choicelm.core.config import Config
     from choicelm.data.corpora import shakespeare_files
     from choicelm.models import build_model
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
     from choicelm.core import checkpoint as ckpt
 
     files = [p for p in shakespeare_files() if p.name in ("macbeth_gut.txt", "sonnets_gut.txt")]

@@ -26,7 +26,7 @@ from choicelm.core.config import load_config
 from choicelm.data.loader import TokenDataset
 from choicelm.evaluation.perplexity import perplexity
 from choicelm.models.ngram import NGramLM
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 from choicelm.data.loader import split_documents
 from choicelm.models.ngram import score_stream
 from choicelm.train.distributed import DistInfo

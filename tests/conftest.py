@@ -22,7 +22,7 @@ def shakespeare_slice():
 def prepared(tmp_path_factory, shakespeare_slice):
     """(tokenizer dir, data dir) for a 512-token BPE over the slice, The Tempest held out."""
     from choicelm.data.prepare import prepare
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     root = tmp_path_factory.mktemp("shakespeare")
     tok = Tokenizer.train(shakespeare_slice, 512)

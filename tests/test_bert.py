@@ -230,7 +230,7 @@ def test_mlm_masking_is_a_function_of_the_seed():
 
 
 def test_masker_from_a_choicelm_tokenizer(prepared):
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     tok = Tokenizer.load(prepared[0])
     masker = MLMMasker.from_tokenizer(tok)

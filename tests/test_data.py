@@ -9,7 +9,7 @@ import torch
 
 from choicelm.data import LMBatchSampler, TokenDataset, eval_batches, prepare, read_manifest
 from choicelm.core.errors import ChoicelmError
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 
 PLAYS = ["comedy_of_errors_gut.txt", "macbeth_gut.txt", "tempest_gut.txt"]  # ~290 KB
 

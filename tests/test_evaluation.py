@@ -20,7 +20,7 @@ from choicelm.core.errors import ChoicelmError
 from choicelm.evaluation.perplexity import compare, evaluate, format_table, perplexity, unigram_perplexity
 from choicelm.models import build_model
 from choicelm.models.ngram import NGramLM
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 from choicelm.data.loader import split_documents
 from choicelm.objectives import score_split
 

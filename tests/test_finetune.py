@@ -15,9 +15,9 @@ from choicelm.core.config import load_config
 from choicelm.core.errors import ChoicelmError
 from choicelm.data import tasks as fd
 from choicelm.finetune.run import finetune
-from choicelm.generation.chat import SFT_TEMPLATE, render_chat
+from choicelm.text.chat_template import SFT_TEMPLATE, render_chat
 from choicelm.models import build_model
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 from choicelm.core import checkpoint as ckpt
 
 from conftest import ROOT
@@ -186,7 +186,7 @@ def test_chat_template_renders_as_transformers_and_travels_with_the_model(tasks,
     hf = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
     messages = [{"role": "system", "content": "Echo."}, {"role": "user", "content": "repeat: king"},
                 {"role": "assistant", "content": "king"}, {"role": "user", "content": "repeat: love day"}]
-    from choicelm.generation.chat import chat_prompt
+    from choicelm.text.chat_template import chat_prompt
 
     assert chat_prompt(lm.tokenizer, messages) == hf.apply_chat_template(messages, tokenize=False,
                                                                          add_generation_prompt=True)

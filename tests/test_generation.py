@@ -18,7 +18,7 @@ from choicelm.generation.processors import MinP, NoRepeatNGram, RepetitionPenalt
 from choicelm.generation.streaming import IncrementalDecoder, RowText
 from choicelm.generation.stopping import StopStrings
 from choicelm.models import GPT
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 
 from test_gpt import GPT2_LAYOUT, LLAMA_LAYOUT, gpt2_to_choicelm, llama_to_choicelm
 
@@ -432,7 +432,7 @@ def test_cli_generate_options_stream_and_stop(run_dir, capsys):
 
 
 def test_cli_chat_keeps_history_and_obeys_reset_and_quit(run_dir, capsys, monkeypatch):
-    from choicelm.generation.chat import format_chat
+    from choicelm.text.chat_template import format_chat
 
     lm = choicelm.load(run_dir, "cpu")
     assert format_chat([("hi", "hello")], "and?", "Be brief.") == \

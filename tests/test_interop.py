@@ -21,7 +21,7 @@ from choicelm.interop.hf import load_hf_tokenizer
 from choicelm.interop.tiktoken_bpe import (bytes_to_unicode, read_tiktoken, tiktoken_to_vocab_merges,
                                            write_vocab_merges)
 from choicelm.models import build_model
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 from choicelm.core import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")

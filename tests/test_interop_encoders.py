@@ -379,7 +379,7 @@ def test_tokenizer_load_reads_a_raw_bert_folder(tmp_path, bert_tokenizer_dir):
     length (as all-MiniLM's does) encodes just the text, as transformers does."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     folder = tmp_path / "tok"
     folder.mkdir()

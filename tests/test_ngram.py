@@ -368,7 +368,7 @@ def test_other_bad_options():
 
 
 def test_word_model_refuses_ids_of_another_tokenizer(tmp_path):
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question\n" * 20)

@@ -115,7 +115,7 @@ def test_an_imported_wordpiece_tokenizer_says_so(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -15,7 +15,7 @@ from choicelm.core.config import Config, ConfigError, ModelConfig, MoEConfig
 from choicelm.core.errors import ChoicelmError
 from choicelm.models import build_model, padding_mask, registry, spec_of
 from choicelm.models.registry import SPECS
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 
 KINDS = list(SPECS)
 BUILT = [k for k in KINDS if SPECS[k].build is not None]

@@ -15,7 +15,7 @@ from choicelm.generation.sampling import Sampler
 from choicelm.models import GPT
 from choicelm.serve import scheduler as scheduler_module
 from choicelm.serve.scheduler import Request, Scheduler
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. END of line\n"
 PROMPTS = ["the ", "over the lazy ", "a", "jumps over", "dog. END of line\nthe quick"]

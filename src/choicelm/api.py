@@ -17,7 +17,7 @@ from .data.tasks import ClassificationDataset, classification_ids, decoder_start
 from .generation import GenerationConfig, generate_text, stream_text
 from .models.weight_layout import prepare_for_decoding
 from .models import build_model, padding_mask, registry
-from .tokenizer import Tokenizer
+from .text import Tokenizer
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _comma_list(value: str) -> list[str]:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from .tokenizer import Tokenizer
+    from .text import Tokenizer
 
     tok = Tokenizer.train(args.input, args.vocab_size, kind=args.kind, errors=args.errors)
     tok.save(args.out, overwrite=args.overwrite)

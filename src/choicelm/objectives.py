@@ -92,7 +92,7 @@ class MaskedLM:
         """The objective for a prepared data folder: masks with its tokenizer's <|mask|> and special tokens."""
         from .data.loader import read_manifest
         from .data.mlm import MLMMasker
-        from .tokenizer import Tokenizer
+        from .text import Tokenizer
 
         manifest = read_manifest(data_dir)
         tokenizer = Tokenizer.load(Path(data_dir) / manifest["tokenizer"]["dir"])

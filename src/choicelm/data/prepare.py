@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core import __version__
 from ..core.errors import ChoicelmError, naming
-from ..tokenizer import EOT, TextStats, Tokenizer, iter_text_files, list_text_files
+from ..text import EOT, TextStats, Tokenizer, iter_text_files, list_text_files
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from ..core.errors import ChoicelmError
-from ..generation.chat import render_chat
+from ..text.chat_template import render_chat
 from ..models import registry
 from .loader import LMBatchSampler
 from .pairs import IGNORE_INDEX, PairDataset

@@ -85,7 +85,7 @@ def summary(result: dict) -> str:
 
 @torch.no_grad()
 def _reply_loss(lm, path, batch_size: int) -> dict:
-    from ..generation.chat import template_of
+    from ..text.chat_template import template_of
     from ..objectives import causal_lm
 
     template = template_of(lm.tokenizer)

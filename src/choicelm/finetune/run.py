@@ -34,7 +34,7 @@ from ..core.errors import ChoicelmError
 from ..data import tasks as fd
 from ..models import registry
 from ..objectives import OBJECTIVES
-from ..tokenizer import Tokenizer
+from ..text import Tokenizer
 from ..train.loop import RunInputs, Trainer, resolve_vocab_size
 
 
@@ -243,7 +243,7 @@ def base_labels(step_dir: Path) -> list[str] | None:
 
 
 def read_template(path: str) -> str:
-    from ..generation.chat import SFT_TEMPLATE, render_chat
+    from ..text.chat_template import SFT_TEMPLATE, render_chat
 
     if not path:
         return SFT_TEMPLATE

@@ -44,7 +44,7 @@ from ..core.config import Config, ModelConfig, MoEConfig
 from ..core.errors import ChoicelmError, naming
 from ..models import build_model, registry
 from ..models.hf_mapping import ConversionError, Converted, HFAdapter, check_shapes
-from ..tokenizer import EOT, Tokenizer, read_special_tokens
+from ..text import EOT, Tokenizer, read_special_tokens
 from .tiktoken_bpe import byte_level_tokenizer, read_vocab_merges
 
 log = logging.getLogger(__name__)

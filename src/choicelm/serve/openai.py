@@ -239,7 +239,7 @@ def max_chars_per_token(tokenizer) -> int | None:
 
 def chat_messages(messages) -> list[dict]:
     """OpenAI messages checked and reduced to {role, content} text messages for the model's chat template
-    (generation/chat.py): system (and developer) messages joined into one, first."""
+    (text/chat_template.py): system (and developer) messages joined into one, first."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages", "invalid_type")
     system, turns = [], []

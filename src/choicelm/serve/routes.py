@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import FileResponse
 
 from ..core.errors import ChoicelmError
-from ..generation.chat import TURN_STOP, chat_prompt_ids
+from ..text.chat_template import TURN_STOP, chat_prompt_ids
 from . import openai
 from .errors import APIError
 from .formats import ChatFormat, CompletionFormat

@@ -25,7 +25,7 @@ from ..core.run_dir import prepare_run_dir
 from ..data.loader import TokenDataset, split_documents, text_lines
 from ..models.ngram import NGramLM
 from ..objectives import score_split
-from ..tokenizer import Tokenizer
+from ..text import Tokenizer
 from .run_log import MetricsLog
 
 

@@ -32,8 +32,7 @@ The saved folder loads in transformers: `PreTrainedTokenizerFast.from_pretrained
 `PreTrainedTokenizerFast(tokenizer_file=folder/"tokenizer.json")` give the same ids.
 (Not `GPT2TokenizerFast(vocab_file=..., merges_file=...)`: in transformers 5.x it encodes to [].)
 
-The input helpers here (`list_text_files`, `iter_text_files`) are shared with `choicelm prepare`:
-they expand folders, insist on UTF-8 text and say which file and byte is wrong when it is not.
+Training reads its text through `choicelm.text.files` (shared with `choicelm prepare`).
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,110 +50,18 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .core.errors import ChoicelmError, naming
+from ..core.errors import ChoicelmError, naming
+from .files import TextStats, iter_text_files
 
 log = logging.getLogger(__name__)
 
 EOT, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (EOT, PAD, MASK)
 KINDS = ("bpe", "char")
-ERRORS = ("strict", "skip")
 N_BYTES = 256
 MIN_VOCAB = N_BYTES + len(SPECIAL_TOKENS)  # every byte plus the specials
 MAX_VOCAB = 1_000_000
 CHUNK_CHARS = 8192  # pieces this long keep every core busy in the batch encoder
-
-
-# ----------------------------------------------------------------------------- reading text files
-
-@dataclass
-class TextStats:
-    """What `iter_text_files` read: filled in as it goes, complete once it is exhausted."""
-
-    files: list[Path] = field(default_factory=list)    # files read (in order)
-    n_bytes: list[int] = field(default_factory=list)   # UTF-8 bytes of each file read
-    skipped: list[Path] = field(default_factory=list)  # files skipped as not UTF-8 text (errors="skip")
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.n_bytes)
-
-
-def list_text_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand `paths` into files: a file stays, a folder gives all its regular files, recursively,
-    sorted by path, skipping hidden files and folders (names starting with '.'). Order is kept
-    across arguments; duplicates are dropped."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            out.append(path)
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise ChoicelmError(f"folder {path} holds no (non-hidden) files; point --input at text files")
-            out.extend(found)
-        else:
-            raise ChoicelmError(f"input path {path} does not exist; check the spelling or pass an existing file or folder")
-    if not out:
-        raise ChoicelmError("no input files given; pass at least one text file or folder")
-    unique: dict[Path, Path] = {}  # resolved path -> path as given; keeps the first occurrence
-    for p in out:
-        unique.setdefault(p.resolve(), p)
-    return list(unique.values())
-
-
-def read_text_file(path: Path) -> str:
-    """The file's text, exactly (no newline translation). Not UTF-8 or binary -> ChoicelmError."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ChoicelmError(f"cannot read {path}: {e.strerror}; check that the file is readable") from None
-    nul = data.find(b"\0")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if nul < 0 or e.start < nul:
-            raise ChoicelmError(f"{path} is not UTF-8 text: invalid byte 0x{data[e.start]:02x} at byte offset "
-                                f"{e.start}; convert it to UTF-8 (e.g. iconv -t utf-8) or pass --errors=skip "
-                                f"to leave such files out") from None
-    if nul >= 0:
-        raise ChoicelmError(f"{path} looks binary: NUL byte at byte offset {nul}; remove it from the inputs "
-                            f"or pass --errors=skip to leave such files out")
-    return text
-
-
-def iter_text_files(paths: Iterable[str | os.PathLike], errors: str = "strict",
-                    stats: TextStats | None = None) -> Iterator[tuple[Path, str]]:
-    """Yield (path, text) for every file `list_text_files(paths)` finds.
-
-    errors="strict": a file that is not UTF-8 text raises ChoicelmError naming the file and byte.
-    errors="skip": such files are left out, logged, and listed in `stats.skipped`.
-    Raises ChoicelmError at the end if the files held no text at all.
-    """
-    if errors not in ERRORS:
-        raise ChoicelmError(f"errors={errors!r} is not allowed; choose strict or skip")
-    stats = stats if stats is not None else TextStats()
-    for path in list_text_files(paths):
-        try:
-            text = read_text_file(path)
-        except ChoicelmError as e:
-            if errors == "strict":
-                raise
-            stats.skipped.append(path)
-            log.warning("skipping %s", e)
-            continue
-        stats.files.append(path)
-        stats.n_bytes.append(len(text.encode("utf-8")))
-        yield path, text
-    if stats.skipped:
-        log.warning("skipped %d file(s) that are not UTF-8 text", len(stats.skipped))
-    if stats.total_bytes == 0:
-        detail = f" ({len(stats.skipped)} skipped as not UTF-8 text)" if stats.skipped else ""
-        raise ChoicelmError(f"the input files hold no text{detail}; pass files with some UTF-8 text in them")
 
 
 # Places where cutting a text cannot change its byte-level BPE tokens: GPT-2's regex never puts a
@@ -189,7 +95,7 @@ class Tokenizer:
         self.hf = hf
         self._kind = kind or _infer_kind(hf)
         self.train_stats: TextStats | None = None  # set by train(): files read and skipped
-        self.chat_template: str | None = None  # Jinja chat template (generation/chat.py); saved with the tokenizer
+        self.chat_template: str | None = None  # Jinja chat template (text/chat_template.py); saved with the tokenizer
         roles = {role: token for role, token in _DEFAULT_ROLES.items() if hf.token_to_id(token) is not None}
         for role, token in (special_tokens or {}).items():
             if role not in _DEFAULT_ROLES:
