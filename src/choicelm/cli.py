@@ -328,14 +328,19 @@ def _run_epilog() -> str:
     return "config keys (override any with --section.key=value):\n" + config_help()
 
 
+def _add_run_dir_args(p) -> None:
+    """--out, --resume and --overwrite: the run directory of a training verb."""
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", help="auto (newest complete checkpoint in --out, if any) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+
+
 def _pretrain_parser(verbs) -> None:
     p = verbs.add_parser("pretrain", help="train a model from scratch on prepared shards",
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_run_epilog())
     p.add_argument("--config", help="YAML config, e.g. configs/shakespeare.yaml (defaults: GPT-2 124M)")
     p.add_argument("--data", help="directory written by `choicelm prepare`")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", help="auto (newest complete checkpoint in --out, if any) or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    _add_run_dir_args(p)
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
 
@@ -350,9 +355,7 @@ def _finetune_parser(verbs) -> None:
     p.add_argument("--config", help="YAML config (optim, train, finetune sections; the model section for a fresh "
                                     "model)")
     p.add_argument("--tokenizer", help="tokenizer folder, for a fresh model (no --from)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", help="auto (newest complete checkpoint in --out, if any) or a checkpoint path")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    _add_run_dir_args(p)
     p.set_defaults(func=cmd_finetune, takes_overrides=True)
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..core.config import ModelConfig, MoEConfig
 from ..core.errors import ChoicelmError
 from .layers import IGNORE_INDEX, MLP, ModelOutput, SelfAttention, cross_entropy, make_norm
+from .init import init_weights
 from .moe import MoE, RoutedModel
 
 
@@ -165,20 +166,7 @@ class BERT(RoutedModel, nn.Module):
     def reset_parameters(self) -> None:
         """BERT's initialisation: N(0, 0.02) for linear and embedding weights, zero biases, norms at 1.
         Deterministic given torch.manual_seed."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and self.config.tie_embeddings:
-                    nn.init.zeros_(module.bias)  # its weight is wte
-                    continue
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
-            elif isinstance(module, MoE):  # stacked expert weights are plain Parameters; BERT scales no projection
-                module.reset_parameters(0.02, 0.02)
+        init_weights(self, 0.02, tied_head=self.lm_head if self.config.tie_embeddings else None)  # no scaled projection
 
     @property
     def head(self) -> str:

@@ -43,6 +43,7 @@ from ..core.config import ModelConfig, MoEConfig
 from ..core.errors import ChoicelmError
 from .layers import (KVCache, ModelOutput, SelfAttention, cross_entropy, decoder_attention_mask, kv_cache_dtype,
                      linear_cross_entropy, make_mlp, make_norm, rope_cos_sin)
+from .init import init_weights
 from .moe import CAUSAL_RULES, MoE, RoutedModel
 
 
@@ -129,21 +130,8 @@ class GPT(RoutedModel, nn.Module):
         """GPT-2 initialisation: N(0, 0.02) for linear and embedding weights, zero biases, norms at 1,
         and the residual-stream output projections (attn.c_proj, mlp.c_proj / down_proj) at
         0.02 / sqrt(2 * n_layer). Deterministic given torch.manual_seed."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and self.config.tie_embeddings:
-                    continue  # the same tensor as wte
-                std = residual_std if getattr(module, "is_residual_proj", False) else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
-            elif isinstance(module, MoE):  # stacked expert weights are plain Parameters
-                module.reset_parameters(0.02, residual_std)
+        init_weights(self, 0.02 / math.sqrt(2 * self.config.n_layer),
+                     tied_head=self.lm_head if self.config.tie_embeddings else None)
 
     # ------------------------------------------------------------------------- forward
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import os
 import shlex
 import shutil
@@ -46,13 +45,13 @@ import torch
 import yaml
 
 from ..core import checkpoint as ckpt
-from ..core.config import Config, ConfigError, load_config, merge, parse_overrides
+from ..core.config import Config, merge, parse_overrides
 from ..core.errors import ChoicelmError
 from ..core.run_dir import read_metrics
 from ..core.runtime import autocast, keep_freed_memory, pick_device, use_bf16
 from ..data.loader import TokenDataset, eval_batches
 from ..models import registry
-from ..models.moe import CAUSAL_RULES, summarize_stats, thresholds_frozen
+from ..models.moe import summarize_stats, thresholds_frozen
 from ..train.loop import Trainer, pretrain, pretraining_inputs
 from .arms import ARMS, moe_overrides, parse_arms, recipe_of
 from .report import CURVES_FILE, _read_csv, _write_csv, collect_rows, curve_column, write_outputs

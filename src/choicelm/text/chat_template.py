@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Iterator
 
 from ..core.errors import ChoicelmError
 
