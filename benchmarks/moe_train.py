@@ -168,9 +168,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--experts", type=int, default=0, help="experts per MoE layer; 0 = the arm's own count")
     p.add_argument("--data", default="demo/data", help="a prepared data folder (random tokens if missing)")
-    p.add_argument("--n-batches", type=int, default=8)
+    p.add_argument("--n-batches", type=int, default=64,
+                   help="distinct micro-batches, cycled (few batches are memorised, and routing then drifts)")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8,
+                   help="steps per arm per round (3-step rounds moved the ratios by +-10%% on this machine)")
     p.add_argument("--warmup", type=int, default=6,
                    help="untimed steps per model first (routing that fills experts unevenly meets new matmul shapes "
                         "in its first steps)")
