@@ -2,6 +2,7 @@
 (a `python -m choicelm serve` subprocess on 127.0.0.1) over HTTP with server-sent events.
 
     taskset -c 1 .venv/bin/python benchmarks/serve_load.py [--layers 6 --width 384 --max-tokens 128 --repeats 3]
+    .venv/bin/python benchmarks/serve_load.py --scheduler-only     # the same serial requests without HTTP
 
 The model is a randomly initialised GPT (the weights do not change the cost) with a byte-level BPE tokenizer trained
 on a slice of Shakespeare; its EOS row is zeroed and decoding is greedy, so every request generates exactly
@@ -110,6 +111,38 @@ async def scenario(url: str, clients: int, requests_per_client: int, max_tokens:
             "requests": len(results)}
 
 
+def scheduler_only(args) -> None:
+    """8 requests of --max-tokens greedy tokens, one after another, through the scheduler (no HTTP)."""
+    import threading
+
+    import choicelm
+    from choicelm.generation.config import GenerationConfig
+    from choicelm.serve.scheduler import Request, Scheduler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lm = choicelm.load(make_checkpoint(Path(tmp), args.layers, args.width, args.heads, args.block))
+    scheduler = Scheduler(lm, max_batch=args.max_batch)
+    prompt = lm.tokenizer.encode(PROMPTS[0])
+
+    def one_request() -> None:
+        done = threading.Event()
+        cfg = GenerationConfig(max_new_tokens=args.max_tokens, temperature=0.0)
+        scheduler.submit(Request(prompt, cfg, lambda event: event[0] in ("finish", "error") and done.set()))
+        done.wait()
+
+    for _ in range(3):  # warm-up
+        one_request()
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(8):
+            one_request()
+        rates.append(8 * args.max_tokens / (time.perf_counter() - t0))
+    scheduler.close()
+    print(f"scheduler only, serial: {statistics.median(rates):.1f} tokens/s (median of {args.repeats} x 8 requests of "
+          f"{args.max_tokens} tokens; torch threads {torch.get_num_threads()})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=6)
@@ -120,7 +153,12 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--scheduler-only", action="store_true",
+                    help="no server: serial requests straight to the continuous-batching scheduler, in this process "
+                         "(tells the engine and scheduler apart from the HTTP layer)")
     args = ap.parse_args()
+    if args.scheduler_only:
+        return scheduler_only(args)
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import free_port
