@@ -554,6 +554,22 @@ def test_bf16_autocast_forward_backward():
     torch.testing.assert_close(ref, model(ids).logits, atol=0.15, rtol=0.05)
 
 
+def test_bf16_expert_outputs_are_gated_and_scattered_in_bf16():
+    """Under bf16 autocast the gate multiplies the experts' bf16 outputs in bf16 and they are summed per token in
+    bf16, from fp32 hidden states as the model passes them: an fp32 gate made the product, the scatter and their
+    backward fp32 (10-20% of the layer's time). The result still matches fp32 to bf16 rounding."""
+    m = layer()
+    x_ND = torch.randn(32, D)
+    probs_NE = torch.softmax(x_ND @ m.router.weight.T, dim=-1)
+    idx_EC = probs_NE.topk(8, dim=0).indices.T.contiguous()  # every expert's top 8 tokens
+    gate_EC = probs_NE.gather(0, idx_EC.T).T.contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ND = m._run_experts(x_ND, idx_EC, gate_EC)
+    y_ref = m._run_experts(x_ND, idx_EC, gate_EC)
+    assert y_ND.dtype == torch.bfloat16 and y_ref.dtype == torch.float32
+    torch.testing.assert_close(y_ND.float(), y_ref, atol=0.03, rtol=0.02)
+
+
 # ----------------------------------------------------------------------------- training through the loop
 
 
