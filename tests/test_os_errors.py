@@ -170,6 +170,18 @@ def test_safetensors_failing_names_the_weights_file(trained, tmp_path, capsys, m
     assert leftovers(run) == []
 
 
+def test_a_failed_export_removes_the_folders_it_created(trained, tmp_path, capsys, monkeypatch):
+    """convert to-hf into new nested folders, the weights write failing: exit 2, and neither the temporary folder
+    nor the parent folders it made are left behind (an existing parent stays)."""
+    import choicelm.interop.hf as hf
+
+    monkeypatch.setattr(hf, "save_file", enospc)
+    out = tmp_path / "new" / "nested" / "hf"
+    code, err = exit_code_and_stderr(capsys, "convert", "to-hf", trained[2], out)
+    assert code == 2 and "model.safetensors: No space left on device" in one_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_tokenizer_write_failing_leaves_no_tmp_file(trained, tmp_path, capsys, monkeypatch):
     import pathlib
 

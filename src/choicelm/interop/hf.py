@@ -28,6 +28,7 @@ overwrite=True, and the output appears complete or not at all (written to a temp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -452,7 +453,9 @@ def _check_out(out, overwrite: bool, sources: list[Path]) -> Path:
 
 def _write_dir(out: Path, fill: Callable[[Path], None]) -> Path:
     """Run fill(tmp) in a temporary sibling folder, fsync it, then move it to `out` in one rename
-    (an existing `out` is moved aside first and deleted after)."""
+    (an existing `out` is moved aside first and deleted after). A failure leaves nothing: no temporary folder, and
+    none of the parent folders this call created."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -462,6 +465,9 @@ def _write_dir(out: Path, fill: Callable[[Path], None]) -> Path:
         ckpt.fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty (another writer's files): it stays
+                folder.rmdir()
         raise
     if out.exists():
         old = out.parent / f".old-{out.name}-{os.getpid()}"
