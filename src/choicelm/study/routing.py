@@ -323,14 +323,7 @@ def _prepare_study_dir(out: Path, identity: dict, overwrite: bool) -> dict | Non
     return None
 
 
-def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: float | None = None,
-                      max_tokens: int | None = None, overrides=(), overwrite: bool = False,
-                      command: str | None = None, log: Callable[[str], None] = print) -> Path:
-    """Train one run per (training recipe, seed), read every arm out of its run, write runs.csv, report.md and the
-    curves; return out_dir/report.md. config: a YAML path or a Config (the dense recipe); overrides:
-    ["--section.key=value", ...] applied to every arm (moe.* ones not to dense). Running it again skips finished
-    runs, resumes a killed one from its newest checkpoint and rewrites the report."""
-    arms = parse_arms(arms)
+def _check_budget(seeds, max_time: float | None, max_tokens: int | None) -> None:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ChoicelmError(f"--seeds {seeds!r} must be an integer >= 1")
     if (max_time is None) == (max_tokens is None):
@@ -340,6 +333,34 @@ def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: flo
         raise ChoicelmError(f"--max-time {max_time} must be > 0 seconds")
     if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1):
         raise ChoicelmError(f"--max-tokens {max_tokens} must be a positive integer")
+
+
+def _plan_budget(dense_cfg: Config, max_time: float | None, max_tokens: int | None, out: Path,
+                 log: Callable[[str], None]) -> dict:
+    """Steps per run (every arm trains as many): --max-tokens / tokens a step, or --max-time x the dense recipe's
+    throughput measured by a short probe run. Fixed once, in study.json, so a resumed study uses the same."""
+    tps = tokens_per_step(dense_cfg)
+    probe = None
+    if max_tokens is not None:
+        max_steps = max(1, round(max_tokens / tps))
+    else:
+        log(f"probing dense throughput ({PROBE_STEPS} steps) to turn --max-time {max_time:g} s into steps")
+        probe = probe_throughput(dense_cfg, out / "probe")
+        max_steps = max(1, round(max_time * probe["tokens_per_s"] / tps))
+        log(f"dense: {probe['tokens_per_s']:,.0f} tokens/s -> {max_steps} steps of {tps:,} tokens per run")
+    return {"max_steps": max_steps, "tokens_per_step": tps, "tokens_per_run": max_steps * tps,
+            "eval_every": max(1, round(max_steps / EVAL_POINTS)), "probe": probe}
+
+
+def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: float | None = None,
+                      max_tokens: int | None = None, overrides=(), overwrite: bool = False,
+                      command: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Train one run per (training recipe, seed), read every arm out of its run, write runs.csv, report.md and the
+    curves; return out_dir/report.md. config: a YAML path or a Config (the dense recipe); overrides:
+    ["--section.key=value", ...] applied to every arm (moe.* ones not to dense). Running it again skips finished
+    runs, resumes a killed one from its newest checkpoint and rewrites the report."""
+    arms = parse_arms(arms)
+    _check_budget(seeds, max_time, max_tokens)
     data_dir = Path(data_dir)
     if not (data_dir / "manifest.json").is_file():
         raise ChoicelmError(f"--data {data_dir} holds no manifest.json; pass a directory written by `choicelm prepare`")
@@ -364,20 +385,9 @@ def run_routing_study(config, data_dir, out_dir, arms, seeds: int, max_time: flo
     state = _prepare_study_dir(out, identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "study.json"
-    tps = tokens_per_step(dense_cfg)
     if state is None or "budget" not in state:
-        state = {"version": 1, "command": command, "identity": identity, "runs": {}}
-        probe = None
-        if max_tokens is not None:
-            max_steps = max(1, round(max_tokens / tps))
-        else:
-            log(f"probing dense throughput ({PROBE_STEPS} steps) to turn --max-time {max_time:g} s into steps")
-            probe = probe_throughput(dense_cfg, out / "probe")
-            max_steps = max(1, round(max_time * probe["tokens_per_s"] / tps))
-            log(f"dense: {probe['tokens_per_s']:,.0f} tokens/s -> {max_steps} steps of {tps:,} tokens per run")
-        eval_every = max(1, round(max_steps / EVAL_POINTS))
-        state["budget"] = {"max_steps": max_steps, "tokens_per_step": tps, "tokens_per_run": max_steps * tps,
-                           "eval_every": eval_every, "probe": probe}
+        state = {"version": 1, "command": command, "identity": identity, "runs": {},
+                 "budget": _plan_budget(dense_cfg, max_time, max_tokens, out, log)}
         _write_json(state_file, state)
     budget = state["budget"]
     max_steps = budget["max_steps"]
