@@ -18,8 +18,6 @@ from choicelm.models.moe import MoE, summarize_stats
 
 from conftest import ROOT, TINY
 
-torch.set_num_threads(1)
-
 D, E, FW = 32, 4, 48
 
 

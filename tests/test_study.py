@@ -30,17 +30,6 @@ TINY = {"model": {"vocab_size": 0, "block_size": 32, "n_layer": 2, "n_head": 2, 
                   "progress": False, "device": "cpu"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"

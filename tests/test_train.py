@@ -494,24 +494,14 @@ def wait_for_checkpoint_after(run: Path, step: int, proc) -> None:
 
 
 def popen_cli(*args, env_extra=None):
-    """The CLI in a child with one thread (tests comparing its weights with in-process runs use `one_thread`)."""
+    """The CLI in a child with one thread, as this process (conftest.py): weights compare bit for bit."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "choicelm", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-@pytest.fixture
-def one_thread():
-    """This process trains with one thread, as popen_cli's children do: bit-equal weights need the same reduction
-    order (without it these tests passed only after test_moe.py had set one thread for the whole session)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_the_step_and_resume_continues_exactly(prepared, tmp_path, sig, one_thread):
+def test_a_signal_saves_the_step_and_resume_continues_exactly(prepared, tmp_path, sig):
     """A real signal from outside in the middle of a run: it finishes the step, writes a checkpoint (no periodic save
     is due), exits 128+signal with one line naming the checkpoint and the command to continue; that command ends
     with the same losses and weights as an uninterrupted run (rows every 3 steps: the partial window is saved too)."""
@@ -561,7 +551,7 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(prepared, tmp_path):
 
 # --- kills from outside at random moments, saves included (issue 18, tests that must be able to fail) ----------
 
-def test_random_sigkills_including_during_saves_never_break_an_exact_resume(prepared, tmp_path, one_thread):
+def test_random_sigkills_including_during_saves_never_break_an_exact_resume(prepared, tmp_path):
     """A checkpoint every step (so most of a step's time is the save: model, optimizer, fsync, rename, marker,
     pruning) and SIGKILL from outside at random moments, five times, each followed by --resume auto: the final
     losses and weights equal an uninterrupted run's, metrics rows are never duplicated, and no kill leaves a
